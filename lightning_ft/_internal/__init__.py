@@ -1,0 +1,1 @@
+"""Internal helpers shared by the technique families (logging, distributed, validation)."""

@@ -1,0 +1,33 @@
+"""Helpers for sharding work across ranks and gathering uneven per-sample results."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["gather_uneven", "shard_indices"]
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
+    """Indices ``rank, rank + world_size, ...`` of ``range(n)``: disjoint shards that cover every index once."""
+    return torch.arange(rank, n, world_size)
+
+
+def gather_uneven(values: torch.Tensor, n_total: int, world_size: int) -> torch.Tensor:
+    """Gather per-sample ``values`` sharded with :func:`shard_indices` back into the original order.
+
+    Every rank passes its shard (first dimension = its shard size); the result has ``n_total`` rows on every rank.
+    Without an initialised process group (or with one rank) ``values`` is returned unchanged.
+    """
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return values
+    per_rank = -(-n_total // world_size)
+    padded = values.new_zeros((per_rank, *values.shape[1:]))
+    padded[: values.shape[0]] = values
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded.contiguous())
+    out = values.new_empty((n_total, *values.shape[1:]))
+    for rank, chunk in enumerate(gathered):
+        idx = shard_indices(n_total, rank, world_size)
+        out[idx] = chunk[: idx.numel()]
+    return out

@@ -1,0 +1,595 @@
+"""Lightning callbacks: memorisation monitoring and memorisation-based early stopping."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ft._internal.distributed import gather_uneven, shard_indices
+from lightning_ft._internal.logging import is_wandb_logger, log_scalars, log_table
+from lightning_ft.memorisation.functional import (
+    Match,
+    exact_match,
+    ngram_memorisation_score,
+    token_accuracy,
+    validate_ngram_sizes,
+)
+from lightning_ft.memorisation.generation import check_causal_lm, greedy_continuations
+from lightning_ft.memorisation.metrics import MemorisationScore
+from lightning_ft.memorisation.probe import Probe, Split, build_probe
+
+__all__ = ["MemorisationEarlyStopping", "MemorisationMonitor", "find_causal_lm"]
+
+_KEYS = ("ngram", "exact", "token_acc")
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}.")
+
+
+def find_causal_lm(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
+    """The causal LM inside ``pl_module``: the attribute at dotted path ``model_attr``, else the only submodule with
+    a Hugging Face LM head, else ``pl_module`` itself (its forward must return logits)."""
+    if model_attr:
+        model: Any = pl_module
+        for part in model_attr.split("."):
+            if not hasattr(model, part):
+                raise ValueError(f"`model_attr={model_attr!r}`: {type(model).__name__} has no attribute {part!r}.")
+            model = getattr(model, part)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model_attr={model_attr!r}` is a {type(model).__name__}, not an nn.Module.")
+        check_causal_lm(model)
+        return model
+    candidates = [
+        (name, m)
+        for name, m in pl_module.named_modules()
+        if hasattr(m, "config") and callable(getattr(m, "get_output_embeddings", None))
+    ]
+    # keep outermost models only (a GPT2LMHeadModel contains no other PreTrainedModel with a head, but be safe)
+    outer = [(n, m) for n, m in candidates if not any(n != o and n.startswith(o + ".") for o, _ in candidates if o)]
+    if len(outer) > 1:
+        names = [n or "<the LightningModule>" for n, _ in outer]
+        raise ValueError(f"found several language models {names}; pass `model_attr` naming the one to probe.")
+    model = outer[0][1] if outer else pl_module
+    check_causal_lm(model)
+    return model
+
+
+class MemorisationMonitor(Callback):
+    """Measure verbatim and n-gram memorisation of training samples during fine-tuning.
+
+    A fixed probe of training samples (seeded, drawn once) is split into prompt and true continuation; at fit start
+    and then every ``check_every_n_epochs`` epochs and/or ``check_every_n_steps`` optimizer steps the model greedily
+    continues each prompt (batched, KV cache) and the callback logs
+
+    * ``mem/ngram``: n-gram memorisation score (Slack & Al Moubayed 2025), the early signal;
+    * ``mem/exact``: rate of exactly reproduced continuations (k-extractable, Carlini et al. 2022);
+    * ``mem/token_acc``: fraction of continuation tokens reproduced (Pythia's memorisation score);
+
+    plus a table of the most memorised probe samples when the logger is W&B (TensorBoard: markdown text). Under DDP
+    the probe is sharded across ranks and the scores are reduced, so every rank holds the same values.
+
+    Args:
+        probe_size: number of training samples probed (fewer if the training set is smaller).
+        prefix_len: prompt tokens (``split="prefix"``); with ``split="labels"`` the prompt is truncated to its last
+            ``prefix_len`` tokens, or kept whole when None.
+        suffix_len: continuation tokens generated and compared; must be ``>= max(ngram_sizes)``.
+        ngram_sizes: n-gram sizes of the score.
+        match: ``"bag"`` (clipped n-gram counts) or ``"positional"``.
+        split: ``"prefix"`` (domain adaptation: raw text) or ``"labels"`` (instruction tuning: the prompt is the part
+            whose labels are ``ignore_index``).
+        check_every_n_epochs: check at the end of every n-th training epoch (None: never at epoch ends).
+        check_every_n_steps: check every n optimizer steps (None: never by steps).
+        check_at_start: measure the starting model before the first step (the baseline of relative rules).
+        batch_size: probe prompts decoded together.
+        seed: seed of the probe sample.
+        model_attr: dotted attribute path of the causal LM inside the LightningModule (default: found
+            automatically; see :func:`find_causal_lm`).
+        input_key: key of the token ids when dataset samples are mappings.
+        labels_key: key of the labels (``split="labels"``).
+        ignore_index: label value of unsupervised (prompt) positions.
+        short_samples: ``"error"`` (default) or ``"skip"`` for samples too short for the split.
+        log_examples: rows in the table of most-memorised samples (0 disables it).
+
+    Example::
+
+        trainer = Trainer(callbacks=[MemorisationMonitor(probe_size=256, prefix_len=32, suffix_len=32)])
+        trainer.fit(model, datamodule)  # logs mem/ngram, mem/exact, mem/token_acc every epoch
+
+    Reference: Slack & Al Moubayed, "Early Detection and Reduction of Memorisation for Domain Adaptation and
+    Instruction Tuning", TACL 2025, arXiv:2510.11372.
+    """
+
+    def __init__(
+        self,
+        probe_size: int = 512,
+        prefix_len: int | None = 32,
+        suffix_len: int = 32,
+        ngram_sizes: list[int] | tuple[int, ...] = (4, 5, 6),
+        match: Match = "bag",
+        split: Split = "prefix",
+        check_every_n_epochs: int | None = 1,
+        check_every_n_steps: int | None = None,
+        check_at_start: bool = True,
+        batch_size: int = 64,
+        seed: int = 0,
+        model_attr: str | None = None,
+        input_key: str = "input_ids",
+        labels_key: str = "labels",
+        ignore_index: int = -100,
+        short_samples: Literal["error", "skip"] = "error",
+        log_examples: int = 8,
+    ) -> None:
+        super().__init__()
+        _positive_int("probe_size", probe_size)
+        _positive_int("suffix_len", suffix_len)
+        _positive_int("batch_size", batch_size)
+        _positive_int("check_every_n_epochs", check_every_n_epochs, allow_none=True)
+        _positive_int("check_every_n_steps", check_every_n_steps, allow_none=True)
+        self.ngram_sizes = validate_ngram_sizes(ngram_sizes, "ngram_sizes")
+        if suffix_len < max(self.ngram_sizes):
+            raise ValueError(
+                f"`suffix_len={suffix_len}` is shorter than the largest n-gram size {max(self.ngram_sizes)}; raise"
+                " `suffix_len` or lower `ngram_sizes`."
+            )
+        if split not in ("prefix", "labels"):
+            raise ValueError(f'`split` must be "prefix" or "labels", got {split!r}.')
+        if split == "prefix":
+            if prefix_len is None:
+                raise ValueError('`prefix_len` is required with split="prefix"; e.g. prefix_len=32.')
+            _positive_int("prefix_len", prefix_len)
+        elif prefix_len is not None:
+            _positive_int("prefix_len", prefix_len)
+        if match not in ("bag", "positional"):
+            raise ValueError(f'`match` must be "bag" or "positional", got {match!r}.')
+        if short_samples not in ("error", "skip"):
+            raise ValueError(f'`short_samples` must be "error" or "skip", got {short_samples!r}.')
+        if check_every_n_epochs is None and check_every_n_steps is None and not check_at_start:
+            raise ValueError("the monitor would never run: set `check_every_n_epochs` or `check_every_n_steps`.")
+        if isinstance(log_examples, bool) or not isinstance(log_examples, int) or log_examples < 0:
+            raise ValueError(f"`log_examples` must be an integer >= 0, got {log_examples!r}.")
+        self.probe_size = probe_size
+        self.prefix_len = prefix_len
+        self.suffix_len = suffix_len
+        self.match: Match = match
+        self.split: Split = split
+        self.check_every_n_epochs = check_every_n_epochs
+        self.check_every_n_steps = check_every_n_steps
+        self.check_at_start = check_at_start
+        self.batch_size = batch_size
+        self.seed = seed
+        self.model_attr = model_attr
+        self.input_key = input_key
+        self.labels_key = labels_key
+        self.ignore_index = ignore_index
+        self.short_samples: Literal["error", "skip"] = short_samples
+        self.log_examples = log_examples
+
+        self.probe: Probe | None = None
+        self.baseline: dict[str, float] | None = None
+        self.history: list[dict[str, float]] = []
+        self._probe_indices: list[int] | None = None
+        self._last_checked_step = -1
+        self._metric: MemorisationScore | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            probe_size=self.probe_size, prefix_len=self.prefix_len, suffix_len=self.suffix_len, seed=self.seed
+        )
+
+    @property
+    def latest(self) -> dict[str, float] | None:
+        """The most recent check: ``{"step", "epoch", "ngram", "exact", "token_acc"}``."""
+        return self.history[-1] if self.history else None
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if type(trainer.strategy).__name__ in _UNSUPPORTED_STRATEGIES:
+            raise ValueError(
+                f"{type(self).__name__} generates with the unwrapped model and does not support"
+                f" {type(trainer.strategy).__name__}; use strategy='ddp' (or a single device)."
+            )
+        find_causal_lm(pl_module, self.model_attr)  # fail early on a module that cannot generate
+        self._metric = MemorisationScore(self.ngram_sizes, self.match)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is None:
+            self.probe = build_probe(
+                _train_dataset(trainer),
+                self.probe_size,
+                self.prefix_len,
+                self.suffix_len,
+                split=self.split,
+                seed=self.seed,
+                indices=self._probe_indices,
+                input_key=self.input_key,
+                labels_key=self.labels_key,
+                ignore_index=self.ignore_index,
+                short_samples=self.short_samples,
+            )
+            self._probe_indices = self.probe.indices.tolist()
+        if self.check_at_start and self.baseline is None:
+            values = self._check(trainer, pl_module)
+            self.baseline = {k: values[k] for k in _KEYS}
+            log_scalars(trainer, {f"mem/{k}": values[k] for k in _KEYS})
+            log_scalars(trainer, {f"mem/{k}_baseline": values[k] for k in _KEYS})
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.check_every_n_steps
+        step = trainer.global_step
+        if n is None or step == 0 or step % n != 0 or step == self._last_checked_step:
+            return
+        values = self._check(trainer, pl_module)
+        for key in _KEYS:
+            pl_module.log(f"mem/{key}", values[key], on_step=True, on_epoch=False, sync_dist=False)
+        self._after_check(trainer, pl_module, values)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.check_every_n_epochs
+        if n is None or (trainer.current_epoch + 1) % n != 0 or trainer.global_step == self._last_checked_step:
+            return
+        values = self._check(trainer, pl_module)
+        for key in _KEYS:
+            pl_module.log(f"mem/{key}", values[key], on_step=False, on_epoch=True, sync_dist=False)
+        self._after_check(trainer, pl_module, values)
+
+    def _after_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        """Hook for subclasses, called on every rank after each check (not the start check)."""
+
+    # ----------------------------------------------------------------------------------------------- the check
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], Tensor]:
+        """Score this rank's probe shard, reduce over ranks; returns the means and this shard's per-sample scores.
+
+        Must be called on every rank (it synchronises).
+        """
+        if self.probe is None or self._metric is None:
+            raise RuntimeError("the probe is not built yet; evaluate() is available from on_train_start on.")
+        model = find_causal_lm(pl_module, self.model_attr)
+        rows = shard_indices(len(self.probe), trainer.global_rank, trainer.world_size)
+        metric = self._metric.to(pl_module.device)
+        metric.reset()
+        per_sample = torch.zeros((rows.numel(), 3), device=pl_module.device)
+        generated = torch.zeros((rows.numel(), self.suffix_len), dtype=torch.long, device=pl_module.device)
+        if rows.numel() > 0:
+            with trainer.precision_plugin.forward_context():
+                generated = greedy_continuations(
+                    model, self.probe.prefix_batch(rows), self.suffix_len, batch_size=self.batch_size
+                )
+            reference = self.probe.suffixes[rows].to(generated.device)
+            per_sample = torch.stack(
+                [
+                    ngram_memorisation_score(generated, reference, self.ngram_sizes, self.match),
+                    exact_match(generated, reference),
+                    token_accuracy(generated, reference),
+                ],
+                dim=1,
+            )
+            metric.update_scores(per_sample[:, 0], per_sample[:, 1], per_sample[:, 2])
+        values = {k: float(v) for k, v in metric.compute().items()}  # synced: identical on every rank
+        metric.reset()
+        self._maybe_log_examples(trainer, rows, per_sample, generated)
+        return values, per_sample
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        values, _ = self.evaluate(trainer, pl_module)
+        record = {"step": trainer.global_step, "epoch": trainer.current_epoch, **values}
+        self.history.append(record)
+        self._last_checked_step = trainer.global_step
+        return record
+
+    def _maybe_log_examples(self, trainer: pl.Trainer, rows: Tensor, per_sample: Tensor, generated: Tensor) -> None:
+        if not self.log_examples or not any(
+            is_wandb_logger(lg) or type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers
+        ):
+            return
+        assert self.probe is not None
+        n_total = len(self.probe)
+        scores = gather_uneven(per_sample, n_total, trainer.world_size)
+        gens = gather_uneven(generated, n_total, trainer.world_size)
+        if trainer.global_rank != 0:
+            return
+        tokenizer = _find_tokenizer(trainer)
+        top = torch.argsort(scores[:, 0], descending=True)[: self.log_examples].tolist()
+
+        def text(ids: Tensor) -> str:
+            return tokenizer.decode(ids.tolist()) if tokenizer is not None else " ".join(map(str, ids.tolist()))
+
+        table = [
+            [
+                int(self.probe.indices[i]),
+                float(scores[i, 0]),
+                float(scores[i, 2]),
+                text(self.probe.prefixes[i]),
+                text(self.probe.suffixes[i]),
+                text(gens[i].cpu()),
+            ]
+            for i in top
+        ]
+        columns = ["index", "ngram", "token_acc", "prompt", "reference", "generation"]
+        log_table(trainer, "mem/examples", columns, table)
+
+    # ----------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probe_indices": self._probe_indices,
+            "seed": self.seed,
+            "baseline": self.baseline,
+            "history": list(self.history),
+            "last_checked_step": self._last_checked_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._probe_indices = state_dict.get("probe_indices")
+        self.baseline = state_dict.get("baseline")
+        self.history = list(state_dict.get("history", []))
+        self._last_checked_step = state_dict.get("last_checked_step", -1)
+        self.probe = None  # rebuilt from the saved indices at train start
+
+
+def _train_dataset(trainer: pl.Trainer) -> Any:
+    loader = trainer.train_dataloader
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if len(loader) == 1 else None
+    elif isinstance(loader, dict):
+        loader = next(iter(loader.values())) if len(loader) == 1 else None
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ValueError(
+            "MemorisationMonitor needs one map-style training dataset (train_dataloader().dataset with __len__ and"
+            " __getitem__) to draw its probe from; iterable or multiple training loaders are not supported."
+        )
+    return dataset
+
+
+def _find_tokenizer(trainer: pl.Trainer) -> Any:
+    for owner in (trainer.lightning_module, trainer.datamodule):
+        tokenizer = getattr(owner, "tokenizer", None)
+        if tokenizer is not None and callable(getattr(tokenizer, "decode", None)):
+            return tokenizer
+    return None
+
+
+class MemorisationEarlyStopping(MemorisationMonitor):
+    """Stop fine-tuning when memorisation of the training data rises ("n-gram early stopping").
+
+    The n-gram memorisation score rises before verbatim memorisation, often before validation loss stops improving
+    (Slack & Al Moubayed 2025), so stopping on it halves memorisation at little cost. Each check (see
+    :class:`MemorisationMonitor`) evaluates the enabled rules on the ``monitor`` score ``M``:
+
+    * ``threshold``: ``M >= threshold`` (absolute bound);
+    * ``max_rise``: ``M - M_0 >= max_rise`` where ``M_0`` is the step-0 value of the starting model;
+    * ``max_slope``: ``M_t - M_{t-1} >= max_slope`` between consecutive checks.
+
+    Training stops when any rule fires on ``patience`` consecutive checks; the decision is reduced over ranks ("any
+    rank stops all"). With ``restore_best=True`` the callback also keeps a CPU copy of the weights of the "best
+    n-gram" check and loads it at the end of fit: the check with the best ``val_monitor`` value among those inside
+    the memorisation bound (``threshold``, else ``M_0 + max_rise``); the latest such check when ``val_monitor`` is
+    None; the least-memorising check when none is inside the bound.
+
+    Args:
+        monitor: which score the rules use: ``"ngram"`` (default), ``"exact"`` or ``"token_acc"``.
+        threshold: absolute bound (None disables the rule).
+        max_rise: bound on the rise over the step-0 baseline (default 0.10; None disables it).
+        max_slope: bound on the rise between consecutive checks (None disables it).
+        patience: consecutive firing checks before stopping.
+        restore_best: keep and restore the "best n-gram" weights (costs one CPU copy of the weights, also stored in
+            the callback's checkpoint state).
+        val_monitor: validation metric for "best n-gram" selection (e.g. ``"val_loss"``), None to ignore it.
+        val_mode: ``"min"`` or ``"max"`` for ``val_monitor``.
+        verbose: print the reason when stopping.
+        **kwargs: :class:`MemorisationMonitor` arguments (``probe_size``, ``prefix_len``, ``suffix_len``, ...).
+
+    Example::
+
+        stopper = MemorisationEarlyStopping(max_rise=0.05, restore_best=True, val_monitor="val_loss")
+        Trainer(callbacks=[stopper]).fit(model, datamodule)
+        print(stopper.stopping_reason, stopper.best)
+
+    Defaults are placeholders: the paper's thresholds are not published; calibrate them per data set.
+    """
+
+    def __init__(
+        self,
+        monitor: Literal["ngram", "exact", "token_acc"] = "ngram",
+        threshold: float | None = None,
+        max_rise: float | None = 0.10,
+        max_slope: float | None = None,
+        patience: int = 1,
+        restore_best: bool = False,
+        val_monitor: str | None = None,
+        val_mode: Literal["min", "max"] = "min",
+        verbose: bool = True,
+        probe_size: int = 512,
+        prefix_len: int | None = 32,
+        suffix_len: int = 32,
+        ngram_sizes: list[int] | tuple[int, ...] = (4, 5, 6),
+        match: Match = "bag",
+        split: Split = "prefix",
+        check_every_n_epochs: int | None = 1,
+        check_every_n_steps: int | None = None,
+        check_at_start: bool = True,
+        batch_size: int = 64,
+        seed: int = 0,
+        model_attr: str | None = None,
+        input_key: str = "input_ids",
+        labels_key: str = "labels",
+        ignore_index: int = -100,
+        short_samples: Literal["error", "skip"] = "error",
+        log_examples: int = 8,
+    ) -> None:
+        super().__init__(
+            probe_size=probe_size,
+            prefix_len=prefix_len,
+            suffix_len=suffix_len,
+            ngram_sizes=ngram_sizes,
+            match=match,
+            split=split,
+            check_every_n_epochs=check_every_n_epochs,
+            check_every_n_steps=check_every_n_steps,
+            check_at_start=check_at_start,
+            batch_size=batch_size,
+            seed=seed,
+            model_attr=model_attr,
+            input_key=input_key,
+            labels_key=labels_key,
+            ignore_index=ignore_index,
+            short_samples=short_samples,
+            log_examples=log_examples,
+        )
+        if monitor not in _KEYS:
+            raise ValueError(f"`monitor` must be one of {_KEYS}, got {monitor!r}.")
+        for name, value in (("threshold", threshold), ("max_rise", max_rise), ("max_slope", max_slope)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"`{name}` must be a number or None, got {value!r}.")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`threshold` must be in [0, 1] (scores are fractions), got {threshold}.")
+        if threshold is None and max_rise is None and max_slope is None:
+            raise ValueError("no stopping rule is enabled: set `threshold`, `max_rise` or `max_slope`.")
+        if max_rise is not None and not check_at_start:
+            raise ValueError("`max_rise` compares with the step-0 baseline: keep check_at_start=True or unset it.")
+        _positive_int("patience", patience)
+        if val_mode not in ("min", "max"):
+            raise ValueError(f'`val_mode` must be "min" or "max", got {val_mode!r}.')
+        self.monitor = monitor
+        self.threshold = threshold
+        self.max_rise = max_rise
+        self.max_slope = max_slope
+        self.patience = patience
+        self.restore_best = restore_best
+        self.val_monitor = val_monitor
+        self.val_mode = val_mode
+        self.verbose = verbose
+
+        self.wait_count = 0
+        self.stopped_step: int | None = None
+        self.stopping_reason: str | None = None
+        self.best: dict[str, Any] | None = None
+        self._best_weights: dict[str, Tensor] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            monitor=self.monitor, threshold=self.threshold, max_rise=self.max_rise, max_slope=self.max_slope
+        )
+
+    def bound(self) -> float | None:
+        """The memorisation bound used for "best n-gram" selection (None before the baseline is known)."""
+        if self.threshold is not None:
+            return self.threshold
+        if self.max_rise is not None and self.baseline is not None:
+            return self.baseline[self.monitor] + self.max_rise
+        return None
+
+    def rules_fired(self, current: float, previous: float | None) -> list[str]:
+        """The rules that fire for the score ``current`` after ``previous`` (pure; used by the callback)."""
+        fired = []
+        if self.threshold is not None and current >= self.threshold:
+            fired.append(f"mem/{self.monitor} = {current:.4f} >= threshold {self.threshold}")
+        if self.max_rise is not None and self.baseline is not None:
+            rise = current - self.baseline[self.monitor]
+            if rise >= self.max_rise:
+                fired.append(f"mem/{self.monitor} rose {rise:.4f} >= max_rise {self.max_rise} over step 0")
+        if self.max_slope is not None and previous is not None and current - previous >= self.max_slope:
+            fired.append(f"mem/{self.monitor} rose {current - previous:.4f} >= max_slope {self.max_slope} in 1 check")
+        return fired
+
+    @override
+    def _after_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        current = values[self.monitor]
+        previous = self.history[-2][self.monitor] if len(self.history) >= 2 else None
+        if self.restore_best:
+            self._update_best(trainer, pl_module, values)
+        fired = self.rules_fired(current, previous)
+        self.wait_count = self.wait_count + 1 if fired else 0
+        should_stop = trainer.strategy.reduce_boolean_decision(self.wait_count >= self.patience, all=False)
+        if should_stop and not trainer.should_stop:
+            self.stopped_step = trainer.global_step
+            self.stopping_reason = "; ".join(fired) or "another rank's memorisation rule fired"
+            if self.verbose:
+                rank_zero_info(
+                    f"MemorisationEarlyStopping: stopping at epoch {trainer.current_epoch}, step"
+                    f" {trainer.global_step}: {self.stopping_reason}."
+                )
+        trainer.should_stop = trainer.should_stop or should_stop
+
+    def _update_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        bound = self.bound()
+        current = values[self.monitor]
+        inside = bound is None or current <= bound
+        val = None
+        if self.val_monitor is not None:
+            if self.val_monitor not in trainer.callback_metrics:
+                raise RuntimeError(
+                    f"MemorisationEarlyStopping(val_monitor={self.val_monitor!r}): metric not found; available:"
+                    f" {sorted(trainer.callback_metrics)}. Log it in validation, or set val_monitor=None."
+                )
+            val = float(trainer.callback_metrics[self.val_monitor])
+        candidate = {"step": trainer.global_step, "epoch": trainer.current_epoch, "inside_bound": inside}
+        candidate.update({"mem": current, "val": val})
+        if self._is_better(candidate, self.best):
+            self.best = candidate
+            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+    def _is_better(self, new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+        if old is None:
+            return True
+        if new["inside_bound"] != old["inside_bound"]:
+            return bool(new["inside_bound"])
+        if not new["inside_bound"]:
+            return new["mem"] < old["mem"]
+        if new["val"] is None or old["val"] is None or math.isnan(new["val"]):
+            return True  # no validation metric: the latest check inside the bound
+        return new["val"] < old["val"] if self.val_mode == "min" else new["val"] > old["val"]
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.restore_best and self._best_weights is not None:
+            pl_module.load_state_dict(self._best_weights)
+            if self.verbose:
+                rank_zero_info(f"MemorisationEarlyStopping: restored the best n-gram weights {self.best}.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            wait_count=self.wait_count,
+            stopped_step=self.stopped_step,
+            stopping_reason=self.stopping_reason,
+            best=copy.deepcopy(self.best),
+            best_weights=self._best_weights,
+        )
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.wait_count = state_dict.get("wait_count", 0)
+        self.stopped_step = state_dict.get("stopped_step")
+        self.stopping_reason = state_dict.get("stopping_reason")
+        self.best = state_dict.get("best")
+        self._best_weights = state_dict.get("best_weights")
