@@ -1,0 +1,28 @@
+"""Demo data, tiny models and end-to-end recipes behind ``lightning-ft demo <name>``.
+
+``DEMOS`` maps each demo name to ``(one-line description, "module:function")``; the function accepts
+``fast: bool`` (a shorter smoke-test run) and prints a before/after table.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["DEMOS", "load_demo"]
+
+DEMOS: dict[str, tuple[str, str]] = {
+    "memorisation": (
+        "fine-tune a tiny GPT-2 on pydoc text: plain vs n-gram early stopping vs n-gram regulariser",
+        "lightning_ft.demos.memorisation:main",
+    ),
+}
+
+
+def load_demo(name: str) -> Callable[..., Any]:
+    """The entry function of demo ``name``; ``KeyError`` lists the available demos."""
+    if name not in DEMOS:
+        raise KeyError(f"unknown demo {name!r}; available: {', '.join(sorted(DEMOS))}")
+    module, func = DEMOS[name][1].split(":")
+    return getattr(importlib.import_module(module), func)
