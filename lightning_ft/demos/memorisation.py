@@ -44,7 +44,7 @@ class MemorisationDemoConfig:
     prefix_len: int = 32
     suffix_len: int = 32
     max_rise: float = 0.10
-    reg_weight: float = 1.0
+    reg_weight: float = 3.0
     reg_gamma: float = 0.5
     reg_ngram_sizes: tuple[int, ...] = field(default_factory=lambda: (4,))
     seed: int = 0
@@ -103,6 +103,18 @@ def pretrained_base(config: MemorisationDemoConfig, verbose: bool = True) -> dic
     return state
 
 
+class ValLossHistory(pl.Callback):
+    """Records ``val_loss`` after every validation epoch (for plots of memorisation vs validation loss)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+            value = float(trainer.callback_metrics["val_loss"])
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "val_loss": value})
+
+
 @dataclass
 class FinetuneResult:
     """One fine-tuning run: what the demo table prints (+ the per-epoch history of the probe)."""
@@ -115,6 +127,7 @@ class FinetuneResult:
     token_acc: float
     seconds: float
     history: list[dict[str, float]]
+    val_history: list[dict[str, float]]
 
 
 def finetune(
@@ -157,7 +170,8 @@ def finetune(
         )
     else:
         monitor = MemorisationMonitor(**probe_args)
-    trainer = _trainer(config.epochs, [monitor, *(extra_callbacks or [])], **trainer_kwargs)
+    val_history = ValLossHistory()
+    trainer = _trainer(config.epochs, [monitor, val_history, *(extra_callbacks or [])], **trainer_kwargs)
     start = time.perf_counter()
     trainer.fit(module, data)
     seconds = time.perf_counter() - start
@@ -172,6 +186,7 @@ def finetune(
         token_acc=final["token_acc"],
         seconds=seconds,
         history=monitor.history,
+        val_history=val_history.history,
     )
 
 

@@ -16,7 +16,13 @@ __all__ = ["CausalLMModule", "RegularizedCausalLMModule", "tiny_causal_lm"]
 
 
 def tiny_causal_lm(
-    vocab_size: int = 1024, n_positions: int = 128, n_embd: int = 128, n_layer: int = 2, n_head: int = 4, seed: int = 0
+    vocab_size: int = 1024,
+    n_positions: int = 128,
+    n_embd: int = 128,
+    n_layer: int = 2,
+    n_head: int = 4,
+    seed: int = 0,
+    dropout: float = 0.1,
 ):  # -> transformers.GPT2LMHeadModel
     """A randomly initialised GPT-2 causal LM from a small config (no weights are downloaded)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -30,6 +36,9 @@ def tiny_causal_lm(
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -45,6 +54,7 @@ class CausalLMModule(pl.LightningModule):
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         seed: initialisation seed.
+        dropout: GPT-2 residual, embedding and attention dropout.
     """
 
     def __init__(
@@ -57,10 +67,11 @@ class CausalLMModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         seed: int = 0,
+        dropout: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = tiny_causal_lm(vocab_size, n_positions, n_embd, n_layer, n_head, seed)
+        self.model = tiny_causal_lm(vocab_size, n_positions, n_embd, n_layer, n_head, seed, dropout)
         self.lr, self.weight_decay = lr, weight_decay
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -111,8 +122,9 @@ class RegularizedCausalLMModule(NGramRegularizedLM, CausalLMModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         seed: int = 0,
+        dropout: float = 0.1,
     ) -> None:
-        super().__init__(vocab_size, n_positions, n_embd, n_layer, n_head, lr, weight_decay, seed)
+        super().__init__(vocab_size, n_positions, n_embd, n_layer, n_head, lr, weight_decay, seed, dropout)
         self.configure_ngram_regularizer(
             NGramRegularizer(reg_ngram_sizes, gamma=reg_gamma, delta=reg_delta, weight=reg_weight, variant=reg_variant)  # type: ignore[arg-type]
         )

@@ -98,6 +98,7 @@ class PydocTextDataModule(pl.LightningDataModule):
         batch_size: batch size of both loaders.
         vocab_size: vocabulary of the locally trained BPE tokenizer (:attr:`tokenizer`).
         seed: sampling seed.
+        shuffle: shuffle the training loader (turn off for bit-exact resume tests).
 
     Example::
 
@@ -115,6 +116,7 @@ class PydocTextDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         vocab_size: int = 1024,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if seq_len < 2:
@@ -125,7 +127,7 @@ class PydocTextDataModule(pl.LightningDataModule):
             raise ValueError(f"`n_val` and `batch_size` must be >= 1, got {n_val} and {batch_size}.")
         self.save_hyperparameters()
         self.seq_len, self.domain, self.n_train, self.n_val = seq_len, domain, n_train, n_val
-        self.batch_size, self.vocab_size, self.seed = batch_size, vocab_size, seed
+        self.batch_size, self.vocab_size, self.seed, self.shuffle = batch_size, vocab_size, seed, shuffle
         self.train_dataset: TokenChunks | None = None
         self.val_dataset: TokenChunks | None = None
 
@@ -149,7 +151,7 @@ class PydocTextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "call setup('fit') first"
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_dataset is not None, "call setup('fit') first"

@@ -15,28 +15,15 @@ from typing_extensions import override
 
 from lightning_ft._internal.distributed import gather_uneven, shard_indices
 from lightning_ft._internal.logging import is_wandb_logger, log_scalars, log_table
-from lightning_ft.memorisation.functional import (
-    Match,
-    exact_match,
-    ngram_memorisation_score,
-    token_accuracy,
-    validate_ngram_sizes,
-)
+from lightning_ft.memorisation.functional import Match, validate_ngram_sizes
 from lightning_ft.memorisation.generation import check_causal_lm, greedy_continuations
 from lightning_ft.memorisation.metrics import MemorisationScore
-from lightning_ft.memorisation.probe import Probe, Split, build_probe
+from lightning_ft.memorisation.probe import Probe, Split, build_probe, positive_int
 
 __all__ = ["MemorisationEarlyStopping", "MemorisationMonitor", "find_causal_lm"]
 
 _KEYS = ("ngram", "exact", "token_acc")
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}.")
 
 
 def find_causal_lm(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
@@ -133,11 +120,11 @@ class MemorisationMonitor(Callback):
         log_examples: int = 8,
     ) -> None:
         super().__init__()
-        _positive_int("probe_size", probe_size)
-        _positive_int("suffix_len", suffix_len)
-        _positive_int("batch_size", batch_size)
-        _positive_int("check_every_n_epochs", check_every_n_epochs, allow_none=True)
-        _positive_int("check_every_n_steps", check_every_n_steps, allow_none=True)
+        positive_int("probe_size", probe_size)
+        positive_int("suffix_len", suffix_len)
+        positive_int("batch_size", batch_size)
+        positive_int("check_every_n_epochs", check_every_n_epochs, allow_none=True)
+        positive_int("check_every_n_steps", check_every_n_steps, allow_none=True)
         self.ngram_sizes = validate_ngram_sizes(ngram_sizes, "ngram_sizes")
         if suffix_len < max(self.ngram_sizes):
             raise ValueError(
@@ -149,9 +136,9 @@ class MemorisationMonitor(Callback):
         if split == "prefix":
             if prefix_len is None:
                 raise ValueError('`prefix_len` is required with split="prefix"; e.g. prefix_len=32.')
-            _positive_int("prefix_len", prefix_len)
+            positive_int("prefix_len", prefix_len)
         elif prefix_len is not None:
-            _positive_int("prefix_len", prefix_len)
+            positive_int("prefix_len", prefix_len)
         if match not in ("bag", "positional"):
             raise ValueError(f'`match` must be "bag" or "positional", got {match!r}.')
         if short_samples not in ("error", "skip"):
@@ -277,16 +264,9 @@ class MemorisationMonitor(Callback):
                 generated = greedy_continuations(
                     model, self.probe.prefix_batch(rows), self.suffix_len, batch_size=self.batch_size
                 )
-            reference = self.probe.suffixes[rows].to(generated.device)
-            per_sample = torch.stack(
-                [
-                    ngram_memorisation_score(generated, reference, self.ngram_sizes, self.match),
-                    exact_match(generated, reference),
-                    token_accuracy(generated, reference),
-                ],
-                dim=1,
-            )
-            metric.update_scores(per_sample[:, 0], per_sample[:, 1], per_sample[:, 2])
+            metric.update(generated, self.probe.suffixes[rows].to(generated.device))
+            assert metric.last_scores is not None
+            per_sample = metric.last_scores
         values = {k: float(v) for k, v in metric.compute().items()}  # synced: identical on every rank
         metric.reset()
         self._maybe_log_examples(trainer, rows, per_sample, generated)
@@ -471,7 +451,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
             raise ValueError("no stopping rule is enabled: set `threshold`, `max_rise` or `max_slope`.")
         if max_rise is not None and not check_at_start:
             raise ValueError("`max_rise` compares with the step-0 baseline: keep check_at_start=True or unset it.")
-        _positive_int("patience", patience)
+        positive_int("patience", patience)
         if val_mode not in ("min", "max"):
             raise ValueError(f'`val_mode` must be "min" or "max", got {val_mode!r}.')
         self.monitor = monitor

@@ -50,14 +50,17 @@ def _logits(output: object) -> Tensor:
 
 
 @torch.inference_mode()
-def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor, suffix_len: int, use_cache: bool) -> Tensor:
+def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len: int, use_cache: bool) -> Tensor:
     if not use_cache:  # plain module returning logits: recompute the full sequence each step
         out = ids
         for _ in range(suffix_len):
             nxt = _logits(model(out))[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], 1)
         return out[:, ids.shape[1] :]
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    if mask is None:
+        position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    else:
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     past = output.past_key_values
     nxt = _logits(output)[:, -1].argmax(-1, keepdim=True)
@@ -65,7 +68,8 @@ def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor, suffix_len: int, 
     generated[:, 0:1] = nxt
     next_pos = position_ids[:, -1:] + 1
     for step in range(1, suffix_len):
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
         output = model(input_ids=nxt, attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True)
         past = output.past_key_values
         nxt = _logits(output)[:, -1].argmax(-1, keepdim=True)
@@ -142,7 +146,9 @@ def greedy_continuations(
         outputs = []
         for start in range(0, ids_all.shape[0], batch_size):
             ids = ids_all[start : start + batch_size].to(device)
-            mask = mask_all[start : start + batch_size].to(device)
+            mask = mask_all[start : start + batch_size]
+            # no padding in this batch: let the model use its causal fast path (no explicit attention mask)
+            mask = None if bool(mask.all()) else mask.to(device)
             outputs.append(_decode_batch(model, ids, mask, suffix_len, use_cache))
         return torch.cat(outputs).clone()  # clone: leave inference mode with a normal tensor
     finally:

@@ -58,21 +58,27 @@ class MemorisationScore(Metric):
         for name in ("ngram_sum", "exact_sum", "token_acc_sum"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.last_scores: Tensor | None = None
 
     def update(self, generated: Tensor, reference: Tensor) -> None:
-        """Add a batch of greedy continuations ``(B, S)`` and their true suffixes ``(B, S)``."""
-        self.update_scores(
-            ngram_memorisation_score(generated, reference, self.n, self.match),
-            exact_match(generated, reference),
-            token_accuracy(generated, reference),
-        )
+        """Add a batch of greedy continuations ``(B, S)`` and their true suffixes ``(B, S)``.
 
-    def update_scores(self, ngram: Tensor, exact: Tensor, token_acc: Tensor) -> None:
-        """Add per-sample scores already computed with the functional API (avoids scoring twice)."""
-        self.ngram_sum += ngram.double().sum()
-        self.exact_sum += exact.double().sum()
-        self.token_acc_sum += token_acc.double().sum()
-        self.total += ngram.numel()
+        The batch's per-sample scores stay available as :attr:`last_scores` (``(B, 3)``: ngram, exact, token_acc),
+        so callers that also need them (e.g. for a table of examples) do not score twice.
+        """
+        scores = torch.stack(
+            [
+                ngram_memorisation_score(generated, reference, self.n, self.match),
+                exact_match(generated, reference),
+                token_accuracy(generated, reference),
+            ],
+            dim=-1,
+        ).reshape(-1, 3)
+        self.last_scores = scores
+        self.ngram_sum += scores[:, 0].double().sum()
+        self.exact_sum += scores[:, 1].double().sum()
+        self.token_acc_sum += scores[:, 2].double().sum()
+        self.total += scores.shape[0]
 
     def compute(self) -> dict[str, Tensor]:
         """``{"ngram", "exact", "token_acc"}`` means over every sample seen (NaN before any update)."""

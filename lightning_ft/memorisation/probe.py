@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["Probe", "build_probe", "sample_tokens"]
+__all__ = ["Probe", "build_probe", "positive_int", "sample_tokens"]
 
 Split = Literal["prefix", "labels"]
 
@@ -38,6 +38,14 @@ class Probe:
         if chosen and all(p.numel() == chosen[0].numel() for p in chosen):
             return torch.stack(chosen)
         return chosen
+
+
+def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}.")
 
 
 def _to_tensor(value: Any, what: str) -> Tensor:
@@ -68,7 +76,11 @@ def sample_tokens(
             ids = ids[keep]
         if sample.get(labels_key) is not None:
             labels = _to_tensor(sample[labels_key], f"sample[{labels_key!r}]")
-    elif isinstance(sample, (tuple, list)) and sample and not isinstance(sample[0], (int,)):
+    elif (
+        isinstance(sample, (tuple, list))
+        and sample
+        and (isinstance(sample[0], (list, tuple)) or (isinstance(sample[0], Tensor) and sample[0].dim() >= 1))
+    ):  # (ids, ...) pair
         ids = _to_tensor(sample[0], "sample[0]")
     else:
         ids = _to_tensor(sample, "sample")
@@ -127,6 +139,16 @@ def build_probe(
         indices: use exactly these dataset indices (e.g. restored from a checkpoint) instead of sampling.
         short_samples: ``"error"`` raises on a sample too short for the split; ``"skip"`` draws another one.
     """
+    if split not in ("prefix", "labels"):
+        raise ValueError(f'`split` must be "prefix" or "labels", got {split!r}.')
+    if short_samples not in ("error", "skip"):
+        raise ValueError(f'`short_samples` must be "error" or "skip", got {short_samples!r}.')
+    if indices is None:
+        positive_int("probe_size", probe_size)
+    positive_int("suffix_len", suffix_len)
+    if split == "prefix" and prefix_len is None:
+        raise ValueError('`prefix_len` is required with split="prefix"; e.g. prefix_len=32.')
+    positive_int("prefix_len", prefix_len, allow_none=split == "labels")
     n_data = len(dataset)  # type: ignore[arg-type]
     if n_data == 0:
         raise ValueError("the training dataset is empty: there is nothing to probe for memorisation.")
