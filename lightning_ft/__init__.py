@@ -1,17 +1,23 @@
 """lightning-ft: fine-tuning techniques for PyTorch Lightning.
 
 Each technique is a Lightning ``Callback``, a ``LightningModule`` mixin or a sampler with a pure functional core.
+The names below are imported lazily, so ``import lightning_ft`` (and the ``lightning-ft`` command) stay fast.
 """
 
-from lightning_ft.memorisation import (
-    MemorisationEarlyStopping,
-    MemorisationMonitor,
-    MemorisationScore,
-    NGramRegularizedLM,
-    NGramRegularizer,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "MemorisationEarlyStopping": "lightning_ft.memorisation",
+    "MemorisationMonitor": "lightning_ft.memorisation",
+    "MemorisationScore": "lightning_ft.memorisation",
+    "NGramRegularizedLM": "lightning_ft.memorisation",
+    "NGramRegularizer": "lightning_ft.memorisation",
+}
 
 __all__ = [
     "MemorisationEarlyStopping",
@@ -21,3 +27,24 @@ __all__ = [
     "NGramRegularizer",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from lightning_ft.memorisation import (
+        MemorisationEarlyStopping,
+        MemorisationMonitor,
+        MemorisationScore,
+        NGramRegularizedLM,
+        NGramRegularizer,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_ft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -170,6 +171,7 @@ class MemorisationMonitor(Callback):
         self._probe_indices: list[int] | None = None
         self._last_checked_step = -1
         self._metric: MemorisationScore | None = None
+        self.check_seconds: list[float] = []  # wall time of each check in this process (not checkpointed)
 
     @property
     @override
@@ -273,7 +275,9 @@ class MemorisationMonitor(Callback):
         return values, per_sample
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        start = time.perf_counter()
         values, _ = self.evaluate(trainer, pl_module)
+        self.check_seconds.append(time.perf_counter() - start)
         record = {"step": trainer.global_step, "epoch": trainer.current_epoch, **values}
         self.history.append(record)
         self._last_checked_step = trainer.global_step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -57,16 +58,16 @@ def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len
             nxt = _logits(model(out))[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], 1)
         return out[:, ids.shape[1] :]
-    if mask is None:
-        position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    else:
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    # left padding: position ids that skip the pads; no padding: let the model count positions from its cache
+    position_ids = None if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)
+    # prefill: only the last position's logits are needed (skips a (B, P, V) LM-head product where supported)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
     past = output.past_key_values
     nxt = _logits(output)[:, -1].argmax(-1, keepdim=True)
     generated = torch.empty((ids.shape[0], suffix_len), dtype=torch.long, device=ids.device)
     generated[:, 0:1] = nxt
-    next_pos = position_ids[:, -1:] + 1
+    next_pos = None if position_ids is None else position_ids[:, -1:] + 1
     for step in range(1, suffix_len):
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
@@ -74,7 +75,8 @@ def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len
         past = output.past_key_values
         nxt = _logits(output)[:, -1].argmax(-1, keepdim=True)
         generated[:, step : step + 1] = nxt
-        next_pos = next_pos + 1
+        if next_pos is not None:
+            next_pos = next_pos + 1
     return generated
 
 

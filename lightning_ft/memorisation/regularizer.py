@@ -111,7 +111,7 @@ def _model_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     return out if isinstance(out, Tensor) else out.logits
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the cache is used later in autograd-enabled code
 def compute_reference_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -134,7 +134,7 @@ def compute_reference_logprobs(
             mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
             logp, _ = token_logprobs(_model_logits(model, ids, mask), ids, ignore_index=-(1 << 62))
             chunks.append(logp.float().cpu())
-        return torch.cat(chunks).clone()
+        return torch.cat(chunks)
     finally:
         model.train(was_training)
 

@@ -1,0 +1,49 @@
+"""Registry of every public lightning-ft callback with a tiny model, data and kwargs (as Composer's algorithm tests).
+
+Generic tests (``tests/test_registry.py``) run over the whole registry: a fit runs, stop-and-resume equals an
+uninterrupted run, 2-process DDP keeps ranks equal, the YAML snippet in ``callbacks/`` exists, and all callbacks
+compose in one Trainer. A new callback gets all of that by adding one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+
+import lightning_ft.callbacks as ft_callbacks
+from tests.helpers.data import pydoc_datamodule
+from tests.helpers.models import tiny_lm_module
+
+__all__ = ["REGISTRY", "Entry"]
+
+_PROBE = {"probe_size": 8, "prefix_len": 16, "suffix_len": 16, "ngram_sizes": [2, 3], "batch_size": 4}
+
+
+@dataclass
+class Entry:
+    """How to exercise one callback: its class, init kwargs, and factories for a module and data it works on."""
+
+    cls: type[pl.Callback]
+    kwargs: dict[str, Any]
+    make_module: Callable[[], pl.LightningModule] = tiny_lm_module
+    make_data: Callable[[], pl.LightningDataModule] = pydoc_datamodule
+    yaml: str = ""
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def make(self) -> pl.Callback:
+        return self.cls(**self.kwargs)
+
+
+REGISTRY: dict[str, Entry] = {
+    "MemorisationMonitor": Entry(
+        ft_callbacks.MemorisationMonitor, dict(_PROBE), yaml="memorisation_monitor.yaml"
+    ),
+    "MemorisationEarlyStopping": Entry(
+        ft_callbacks.MemorisationEarlyStopping,
+        {**_PROBE, "max_rise": 0.5, "restore_best": True, "verbose": False},
+        yaml="memorisation_early_stopping.yaml",
+    ),
+}
