@@ -22,8 +22,9 @@ NAMES = sorted(REGISTRY)
 
 def test_every_public_callback_is_registered():
     public = {
-        name for name in ft_callbacks.__all__ if inspect.isclass(getattr(ft_callbacks, name))
-        and issubclass(getattr(ft_callbacks, name), Callback)
+        name
+        for name in ft_callbacks.__all__
+        if inspect.isclass(getattr(ft_callbacks, name)) and issubclass(getattr(ft_callbacks, name), Callback)
     }
     assert public == set(REGISTRY), "add the missing callbacks to tests/helpers/registry.py"
 

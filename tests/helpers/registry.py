@@ -38,9 +38,7 @@ class Entry:
 
 
 REGISTRY: dict[str, Entry] = {
-    "MemorisationMonitor": Entry(
-        ft_callbacks.MemorisationMonitor, dict(_PROBE), yaml="memorisation_monitor.yaml"
-    ),
+    "MemorisationMonitor": Entry(ft_callbacks.MemorisationMonitor, dict(_PROBE), yaml="memorisation_monitor.yaml"),
     "MemorisationEarlyStopping": Entry(
         ft_callbacks.MemorisationEarlyStopping,
         {**_PROBE, "max_rise": 0.5, "restore_best": True, "verbose": False},

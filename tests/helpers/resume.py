@@ -53,6 +53,7 @@ def fit_and_resume(
 
     resumed_module, resumed_callbacks = make_module(), make_callbacks()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)  # same callback set as the first run
-    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=[*resumed_callbacks, checkpoint], enable_checkpointing=True)
+    callbacks = [*resumed_callbacks, checkpoint]
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True)
     trainer.fit(resumed_module, make_data(), ckpt_path=str(ckpt_dir / "last.ckpt"))
     return (full_module, full_callbacks), (resumed_module, resumed_callbacks)

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers.registry import REGISTRY  # noqa: E402
+from tests.helpers.registry import REGISTRY
 
 
 class Dump(pl.Callback):
