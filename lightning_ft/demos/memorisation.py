@@ -22,7 +22,9 @@ from lightning_ft.demos.models import CausalLMModule, RegularizedCausalLMModule
 from lightning_ft.demos.text import PydocTextDataModule
 from lightning_ft.memorisation.callbacks import MemorisationEarlyStopping, MemorisationMonitor
 
-__all__ = ["MemorisationDemoConfig", "finetune", "main", "pretrained_base"]
+__all__ = ["KINDS", "MemorisationDemoConfig", "finetune", "main", "pretrained_base"]
+
+KINDS = ("plain", "early_stopping", "best_ngram", "regularizer")
 
 
 @dataclass
@@ -110,7 +112,8 @@ class ValLossHistory(pl.Callback):
         self.history: list[dict[str, float]] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking and "val_loss" in trainer.callback_metrics:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and "val_loss" in trainer.callback_metrics:
             value = float(trainer.callback_metrics["val_loss"])
             self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "val_loss": value})
 
@@ -137,13 +140,15 @@ def finetune(
     extra_callbacks: list[pl.Callback] | None = None,
     **trainer_kwargs: Any,
 ) -> FinetuneResult:
-    """Fine-tune the base on the small pydoc set with ``kind`` in ``{"plain", "early_stopping", "regularizer"}``.
+    """Fine-tune the base on the small pydoc set with one of :data:`KINDS`.
 
-    Every run carries a :class:`MemorisationMonitor` (the early-stopping run's callback is one) over the whole
-    training set, checked each epoch; the final scores are measured on the weights the run ends with.
+    ``"early_stopping"`` stops with :class:`MemorisationEarlyStopping` (``max_rise``) and keeps the weights it stopped
+    with; ``"best_ngram"`` also restores the best-``val_loss`` weights inside the bound. Every run carries a
+    :class:`MemorisationMonitor` (the early-stopping callback is one) over the whole training set, checked each
+    epoch; the final scores are measured on the weights the run ends with.
     """
-    if kind not in ("plain", "early_stopping", "regularizer"):
-        raise ValueError(f'`kind` must be "plain", "early_stopping" or "regularizer", got {kind!r}.')
+    if kind not in KINDS:
+        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     pl.seed_everything(config.seed, verbose=False)
     if kind == "regularizer":
         module: CausalLMModule = RegularizedCausalLMModule(
@@ -164,10 +169,9 @@ def finetune(
     )
     probe_args = {"probe_size": config.n_train, "prefix_len": config.prefix_len, "suffix_len": config.suffix_len}
     monitor: MemorisationMonitor
-    if kind == "early_stopping":
-        monitor = MemorisationEarlyStopping(
-            max_rise=config.max_rise, restore_best=True, val_monitor="val_loss", verbose=False, **probe_args
-        )
+    if kind in ("early_stopping", "best_ngram"):
+        best = {"restore_best": True, "val_monitor": "val_loss"} if kind == "best_ngram" else {}
+        monitor = MemorisationEarlyStopping(max_rise=config.max_rise, verbose=False, **best, **probe_args)
     else:
         monitor = MemorisationMonitor(**probe_args)
     val_history = ValLossHistory()
@@ -205,14 +209,14 @@ def format_table(results: list[FinetuneResult]) -> str:
 
 
 def main(fast: bool = False, json_path: str | None = None) -> list[FinetuneResult]:
-    """Run the three fine-tunings and print the table (``fast``: fewer epochs, for smoke tests)."""
+    """Run the fine-tunings of :data:`KINDS` and print the table (``fast``: fewer epochs, for smoke tests)."""
     config = MemorisationDemoConfig()
     if fast:
         config.epochs, config.pretrain_epochs = 4, 1
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     base = pretrained_base(config)
     results = []
-    for kind in ("plain", "early_stopping", "regularizer"):
+    for kind in KINDS:
         print(f"fine-tuning: {kind} ...", flush=True)
         results.append(finetune(kind, config, base))
     print()

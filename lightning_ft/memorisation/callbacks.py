@@ -10,12 +10,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft._internal.distributed import gather_uneven, shard_indices
-from lightning_ft._internal.logging import is_wandb_logger, log_scalars, log_table
+from lightning_ft._internal.logging import log_scalars, log_table
 from lightning_ft.memorisation.functional import Match, validate_ngram_sizes
 from lightning_ft.memorisation.generation import check_causal_lm, greedy_continuations
 from lightning_ft.memorisation.metrics import MemorisationScore
@@ -24,7 +24,14 @@ from lightning_ft.memorisation.probe import Probe, Split, build_probe, positive_
 __all__ = ["MemorisationEarlyStopping", "MemorisationMonitor", "find_causal_lm"]
 
 _KEYS = ("ngram", "exact", "token_acc")
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+def _unsupported_strategies() -> tuple[type, ...]:
+    """Strategies that shard or compile the model: generating with the unwrapped module would be wrong there."""
+    import lightning.pytorch.strategies as strategies
+
+    names = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+    return tuple(getattr(strategies, name) for name in names if hasattr(strategies, name))
 
 
 def find_causal_lm(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
@@ -176,9 +183,21 @@ class MemorisationMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            probe_size=self.probe_size, prefix_len=self.prefix_len, suffix_len=self.suffix_len, seed=self.seed
-        )
+        return self._generate_state_key(**self._probe_key())
+
+    def _probe_key(self) -> dict[str, Any]:
+        return {
+            "probe_size": self.probe_size,
+            "prefix_len": self.prefix_len,
+            "suffix_len": self.suffix_len,
+            "ngram_sizes": self.ngram_sizes,
+            "match": self.match,
+            "split": self.split,
+            "seed": self.seed,
+            "model_attr": self.model_attr,
+            "check_every_n_epochs": self.check_every_n_epochs,
+            "check_every_n_steps": self.check_every_n_steps,
+        }
 
     @property
     def latest(self) -> dict[str, float] | None:
@@ -190,7 +209,7 @@ class MemorisationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if type(trainer.strategy).__name__ in _UNSUPPORTED_STRATEGIES:
+        if isinstance(trainer.strategy, _unsupported_strategies()):
             raise ValueError(
                 f"{type(self).__name__} generates with the unwrapped model and does not support"
                 f" {type(trainer.strategy).__name__}; use strategy='ddp' (or a single device)."
@@ -230,8 +249,7 @@ class MemorisationMonitor(Callback):
         if n is None or step == 0 or step % n != 0 or step == self._last_checked_step:
             return
         values = self._check(trainer, pl_module)
-        for key in _KEYS:
-            pl_module.log(f"mem/{key}", values[key], on_step=True, on_epoch=False, sync_dist=False)
+        self._log(trainer, pl_module, values, on_step=True)
         self._after_check(trainer, pl_module, values)
 
     @override
@@ -240,9 +258,15 @@ class MemorisationMonitor(Callback):
         if n is None or (trainer.current_epoch + 1) % n != 0 or trainer.global_step == self._last_checked_step:
             return
         values = self._check(trainer, pl_module)
-        for key in _KEYS:
-            pl_module.log(f"mem/{key}", values[key], on_step=False, on_epoch=True, sync_dist=False)
+        self._log(trainer, pl_module, values, on_step=False)
         self._after_check(trainer, pl_module, values)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float], on_step: bool) -> None:
+        # callback_metrics (for EarlyStopping / ModelCheckpoint / the progress bar) through pl_module.log, the loggers
+        # directly at this step (pl_module.log would forward step values only every `log_every_n_steps`)
+        for key in _KEYS:
+            pl_module.log(f"mem/{key}", values[key], on_step=on_step, on_epoch=not on_step, logger=False)
+        log_scalars(trainer, {f"mem/{k}": values[k] for k in _KEYS})
 
     def _after_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         """Hook for subclasses, called on every rank after each check (not the start check)."""
@@ -284,9 +308,7 @@ class MemorisationMonitor(Callback):
         return record
 
     def _maybe_log_examples(self, trainer: pl.Trainer, rows: Tensor, per_sample: Tensor, generated: Tensor) -> None:
-        if not self.log_examples or not any(
-            is_wandb_logger(lg) or type(lg).__name__ == "TensorBoardLogger" for lg in trainer.loggers
-        ):
+        if not self.log_examples or not trainer.loggers:  # same on every rank: the gather below is a collective
             return
         assert self.probe is not None
         n_total = len(self.probe)
@@ -449,6 +471,9 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         for name, value in (("threshold", threshold), ("max_rise", max_rise), ("max_slope", max_slope)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"`{name}` must be a number or None, got {value!r}.")
+        for name, value in (("max_rise", max_rise), ("max_slope", max_slope)):
+            if value is not None and value <= 0:
+                raise ValueError(f"`{name}` must be > 0 (a rise of the score) or None, got {value}.")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"`threshold` must be in [0, 1] (scores are fractions), got {threshold}.")
         if threshold is None and max_rise is None and max_slope is None:
@@ -477,9 +502,8 @@ class MemorisationEarlyStopping(MemorisationMonitor):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            monitor=self.monitor, threshold=self.threshold, max_rise=self.max_rise, max_slope=self.max_slope
-        )
+        rules = {"monitor": self.monitor, "threshold": self.threshold, "max_rise": self.max_rise}
+        return self._generate_state_key(**rules, max_slope=self.max_slope, **self._probe_key())
 
     def bound(self) -> float | None:
         """The memorisation bound used for "best n-gram" selection (None before the baseline is known)."""
@@ -524,17 +548,20 @@ class MemorisationEarlyStopping(MemorisationMonitor):
     def _update_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         bound = self.bound()
         current = values[self.monitor]
-        inside = bound is None or current <= bound
         val = None
         if self.val_monitor is not None:
-            if self.val_monitor not in trainer.callback_metrics:
-                raise RuntimeError(
-                    f"MemorisationEarlyStopping(val_monitor={self.val_monitor!r}): metric not found; available:"
-                    f" {sorted(trainer.callback_metrics)}. Log it in validation, or set val_monitor=None."
+            metric = trainer.callback_metrics.get(self.val_monitor)
+            if metric is None:
+                rank_zero_warn(
+                    f"MemorisationEarlyStopping(val_monitor={self.val_monitor!r}): the metric is not logged yet"
+                    f" (available: {sorted(trainer.callback_metrics)}); this check is not a best-n-gram candidate.",
                 )
-            val = float(trainer.callback_metrics[self.val_monitor])
-        candidate = {"step": trainer.global_step, "epoch": trainer.current_epoch, "inside_bound": inside}
-        candidate.update({"mem": current, "val": val})
+                return
+            val = float(metric)
+        candidate = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        candidate.update({"inside_bound": bound is None or current <= bound, "mem": current, "val": val})
+        # rank 0 decides (a val_monitor logged without sync_dist may differ across ranks): every rank keeps the same
+        candidate = trainer.strategy.broadcast(candidate, src=0)
         if self._is_better(candidate, self.best):
             self.best = candidate
             self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
@@ -546,8 +573,12 @@ class MemorisationEarlyStopping(MemorisationMonitor):
             return bool(new["inside_bound"])
         if not new["inside_bound"]:
             return new["mem"] < old["mem"]
-        if new["val"] is None or old["val"] is None or math.isnan(new["val"]):
+        if new["val"] is None or old["val"] is None:
             return True  # no validation metric: the latest check inside the bound
+        if math.isnan(new["val"]):
+            return math.isnan(old["val"])  # NaN is worse than any number (a NaN best is replaced by the latest)
+        if math.isnan(old["val"]):
+            return True
         return new["val"] < old["val"] if self.val_mode == "min" else new["val"] > old["val"]
 
     @override

@@ -155,7 +155,8 @@ def teacher_forced_accuracy(logits: Tensor, reference: Tensor) -> Tensor:
     """Per-sample teacher-forced proxy: fraction of suffix positions where ``argmax p(. | p, s_<i) == s_i``.
 
     ``logits`` are the model's predictions for the suffix positions, shape ``(B, S, V)``. One forward pass instead
-    of ``S`` decode steps; it upper-bounds greedy agreement, and a greedily extracted sample has accuracy 1.
+    of ``S`` decode steps. It is not greedy agreement position by position, but the teacher-forced and greedy
+    matching-prefix lengths are equal, so a greedily extracted sample has accuracy 1.
     """
     if logits.dim() != 3 or logits.shape[:2] != reference.shape:
         raise ValueError(f"`logits` must have shape (B, S, V) matching `reference` {tuple(reference.shape)}.")
@@ -197,8 +198,8 @@ def ngram_regularizer(
     * variant ``"A"``: ``R = mean_{t, n} 1[conf_n(t) > gamma] * relu((L_n(t) - L0_n(t)) / n - delta)``;
     * variant ``"B"``: the token-level hinge, i.e. variant A with ``N = (1,)``.
 
-    The gate is computed without gradient and ``ref_logprobs`` never receives gradient. Window sums use cumulative
-    sums, so every ``n`` costs O(T).
+    The gate is computed without gradient and ``ref_logprobs`` never receives gradient. Window sums use unfolded
+    windows, O(T n) per ``n`` (n is small), in at least fp32.
 
     Args:
         logprobs: current model's per-token log-probs ``(B, T)`` (with grad), e.g. from :func:`token_logprobs`.
@@ -223,20 +224,19 @@ def ngram_regularizer(
         )
     sizes = (1,) if variant == "B" else validate_ngram_sizes(ngram_sizes, "ngram_sizes")
     mask = mask.bool()
-    ref = ref_logprobs.detach().to(logprobs.dtype).masked_fill(~mask, 0.0)
-    cur = logprobs.masked_fill(~mask, 0.0)
-    pad = cur.new_zeros(cur.shape[0], 1)
-    cs = torch.cat([pad, cur.cumsum(-1)], -1)
-    cs0 = torch.cat([pad, ref.cumsum(-1)], -1)
-    cm = torch.cat([pad.long(), mask.long().cumsum(-1)], -1)
+    # fp32 at least: bf16 log-probs would make the hinge noisy; windows are summed directly (n is small), which is
+    # exact per window, unlike differences of long cumulative sums
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    cur = logprobs.to(dtype).masked_fill(~mask, 0.0)
+    ref = ref_logprobs.detach().to(dtype).masked_fill(~mask, 0.0)
     total = cur.new_zeros(())
     count = cur.new_zeros(())
     for n in sizes:
         if n > cur.shape[1]:
             continue
-        window = cs[:, n:] - cs[:, :-n]
-        window0 = cs0[:, n:] - cs0[:, :-n]
-        valid = (cm[:, n:] - cm[:, :-n]) == n
+        window = cur.unfold(1, n, 1).sum(-1)  # (B, T - n + 1): window ending at t = j + n - 1
+        window0 = ref.unfold(1, n, 1).sum(-1)
+        valid = mask.unfold(1, n, 1).all(-1)  # windows that cross an unsupervised position do not count
         with torch.no_grad():
             gate = valid & (torch.exp(window / n) > gamma)
         excess = torch.relu((window - window0) / n - delta)
@@ -269,8 +269,9 @@ def goldfish_mask(
     ``"hash-table"`` (the paper's default) hashes the ``h`` target tokens ending at and including position ``t``
     (product of ids modulo 1,000,003, looked up in a table of uniforms seeded with 2971215073, as in the official
     ``apply_goldfish``) and drops token ``t`` when the value is below ``1/k``; the same text is always dropped at the
-    same places, so the model never sees the full passage. Positions ``t < h - 1`` are never dropped. ``"static"``
-    drops every ``k``-th token.
+    same places, so the model never sees the full passage. Positions ``t < h - 1`` are never dropped, and neither
+    are positions whose window holds ``ignore_index`` (so padding and prompt masking cannot change which response
+    tokens are dropped; the official code hashes such windows too). ``"static"`` drops every ``k``-th token.
 
     Args:
         labels: target ids ``(B, T)`` (for Hugging Face models, the ``labels`` you pass to the model).
@@ -304,7 +305,8 @@ def goldfish_mask(
         if labels.shape[1] >= h:
             windows = labels.unfold(1, h, 1)  # (B, T - h + 1, h), window ending at t = j + h - 1
             keys = torch.remainder(windows.prod(-1), _GOLDFISH_TABLE_SIZE)
-            drop[:, h - 1 :] = _goldfish_table(labels.device)[keys] < 1.0 / k
+            clean = (windows != ignore_index).all(-1)
+            drop[:, h - 1 :] = (_goldfish_table(labels.device)[keys] < 1.0 / k) & clean
     else:
         raise ValueError(f'`strategy` must be "hash-table" or "static", got {strategy!r}.')
     return out.masked_fill(drop, ignore_index)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_causal_lm", "greedy_continuations", "left_pad"]
+__all__ = ["check_causal_lm", "eval_mode", "greedy_continuations", "left_pad"]
 
 
 def check_causal_lm(model: nn.Module) -> None:
@@ -19,6 +20,18 @@ def check_causal_lm(model: nn.Module) -> None:
             f"{type(model).__name__} has no language-model head (get_output_embeddings() is None), so it cannot"
             " generate. Load it with transformers.AutoModelForCausalLM (e.g. GPT2LMHeadModel, LlamaForCausalLM)."
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore each submodule's own train/eval flag afterwards (frozen parts stay)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _supports_kv_cache(model: nn.Module) -> bool:
@@ -50,12 +63,24 @@ def _logits(output: object) -> Tensor:
     return logits
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: buffers a model creates lazily here must stay usable by autograd
 def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len: int, use_cache: bool) -> Tensor:
     if not use_cache:  # plain module returning logits: recompute the full sequence each step
         out = ids
         for _ in range(suffix_len):
-            nxt = _logits(model(out))[:, -1].argmax(-1, keepdim=True)
+            try:
+                logits = _logits(model(out))
+            except TypeError as err:
+                raise ValueError(
+                    f"{type(model).__name__}.forward(input_ids) failed ({err}); a plain module must map (B, T) token"
+                    " ids to (B, T, V) logits. Wrap it, or use a transformers AutoModelForCausalLM."
+                ) from err
+            if logits.dim() != 3 or logits.shape[:2] != out.shape:
+                raise ValueError(
+                    f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for input"
+                    f" {tuple(out.shape)}; expected (B, T, V) with batch first."
+                )
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, nxt], 1)
         return out[:, ids.shape[1] :]
     # left padding: position ids that skip the pads; no padding: let the model count positions from its cache
@@ -92,7 +117,7 @@ def greedy_continuations(
 
     Prefixes of different lengths are left-padded (with position ids that skip the padding), so each row decodes as
     it would alone. End-of-sequence tokens do not stop decoding (``min_new_tokens = max_new_tokens = suffix_len``,
-    as in Pythia's memorisation script). Runs under ``torch.inference_mode`` in eval mode and restores the model's
+    as in Pythia's memorisation script). Runs without gradient in eval mode and restores every submodule's
     train/eval mode afterwards.
 
     Args:
@@ -142,9 +167,7 @@ def greedy_continuations(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         outputs = []
         for start in range(0, ids_all.shape[0], batch_size):
             ids = ids_all[start : start + batch_size].to(device)
@@ -152,6 +175,4 @@ def greedy_continuations(
             # no padding in this batch: let the model use its causal fast path (no explicit attention mask)
             mask = None if bool(mask.all()) else mask.to(device)
             outputs.append(_decode_batch(model, ids, mask, suffix_len, use_cache))
-        return torch.cat(outputs).clone()  # clone: leave inference mode with a normal tensor
-    finally:
-        model.train(was_training)
+        return torch.cat(outputs)

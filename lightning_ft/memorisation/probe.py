@@ -71,11 +71,13 @@ def sample_tokens(
                 " holds the token ids."
             )
         ids = _to_tensor(sample[input_key], f"sample[{input_key!r}]")
-        if sample.get("attention_mask") is not None:
-            keep = _to_tensor(sample["attention_mask"], "sample['attention_mask']").bool()
-            ids = ids[keep]
         if sample.get(labels_key) is not None:
             labels = _to_tensor(sample[labels_key], f"sample[{labels_key!r}]")
+        if sample.get("attention_mask") is not None:  # drop padding (left or right) from ids and aligned labels
+            keep = _to_tensor(sample["attention_mask"], "sample['attention_mask']").bool()
+            ids = ids[keep]
+            if labels is not None and labels.shape == keep.shape:
+                labels = labels[keep]
     elif (
         isinstance(sample, (tuple, list))
         and sample

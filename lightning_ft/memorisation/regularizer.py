@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lightning_ft.memorisation.functional import ngram_regularizer, token_logprobs, validate_ngram_sizes
+from lightning_ft.memorisation.generation import eval_mode
 
 __all__ = [
     "NGramRegularizedLM",
@@ -63,8 +64,9 @@ class NGramRegularizer(nn.Module):
         self.ngram_sizes = validate_ngram_sizes(ngram_sizes, "ngram_sizes")
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"`gamma` (confidence gate) must be in [0, 1), got {gamma}.")
-        if weight < 0:
-            raise ValueError(f"`weight` must be >= 0, got {weight}.")
+        for name, value in (("weight", weight), ("delta", delta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
         if variant not in ("A", "B"):
             raise ValueError(f'`variant` must be "A" or "B", got {variant!r}.')
         self.gamma, self.delta, self.weight, self.variant, self.ignore_index = (
@@ -124,10 +126,10 @@ def compute_reference_logprobs(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must be (N, T), got {tuple(input_ids.shape)}.")
-    was_training = model.training
-    model.eval()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
     device = next(model.parameters()).device
-    try:
+    with eval_mode(model):
         chunks = []
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)
@@ -135,8 +137,6 @@ def compute_reference_logprobs(
             logp, _ = token_logprobs(_model_logits(model, ids, mask), ids, ignore_index=-(1 << 62))
             chunks.append(logp.float().cpu())
         return torch.cat(chunks)
-    finally:
-        model.train(was_training)
 
 
 class ReferenceLogProbDataset(Dataset):
@@ -219,6 +219,7 @@ class NGramRegularizedLM:
             ref.eval().requires_grad_(False)
             holder.append(ref)
         object.__setattr__(self, "_ngram_reference_holder", holder)  # a list: never registered as a submodule
+        object.__setattr__(self, "_ngram_model_cache", [model])
 
     @property
     def ngram_reference_model(self) -> nn.Module | None:
@@ -243,8 +244,10 @@ class NGramRegularizedLM:
             else:
                 ref = self.ngram_reference_model
                 assert ref is not None
-                if next(ref.parameters()).device != ids.device:
-                    ref.to(ids.device)
+                param = next(model.parameters())
+                ref_param = next(ref.parameters())
+                if ref_param.device != param.device or ref_param.dtype != param.dtype:
+                    ref.to(device=param.device, dtype=param.dtype)  # follows the trained model (e.g. bf16-true)
                 ref_logits = _model_logits(ref, ids, mask)
             logp, _ = token_logprobs(ref_logits, labels, self._ngram_regularizer.ignore_index)
         return logp
@@ -252,28 +255,46 @@ class NGramRegularizedLM:
     def regularized_lm_loss(self, batch: Mapping[str, Tensor], outputs: Any = None, log: bool = True) -> Tensor:
         """Cross-entropy + ``weight * R`` for a batch with ``input_ids`` (+ ``attention_mask``, ``labels``).
 
+        The cross-entropy is the mean negative log-likelihood of the supervised next tokens (the Hugging Face
+        causal-LM loss), computed from the same per-token log-probabilities as ``R`` (one log-softmax per step).
+
         Args:
-            batch: the training batch; ``labels`` default to ``input_ids`` (padding should be -100 in labels).
+            batch: the training batch; without ``labels`` the targets are ``input_ids`` with padding (where
+                ``attention_mask`` is 0) ignored.
             outputs: the model's outputs for this batch if already computed (must hold ``logits``).
             log: log ``train/ce`` and ``train/ngram_reg`` with ``self.log``.
         """
-        if getattr(self, "_modules", {}).get("_ngram_regularizer") is None:
+        regularizer = getattr(self, "_modules", {}).get("_ngram_regularizer")
+        if regularizer is None:
             raise RuntimeError("call configure_ngram_regularizer(...) in __init__ before regularized_lm_loss.")
-        from lightning_ft.memorisation.callbacks import find_causal_lm
-
-        model = find_causal_lm(self, self._ngram_model_attr)  # type: ignore[arg-type]
-        labels = batch.get("labels", batch["input_ids"])
+        model = self._ngram_model()
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"]
+            if batch.get("attention_mask") is not None:
+                labels = labels.masked_fill(batch["attention_mask"] == 0, regularizer.ignore_index)
         if outputs is None:
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         logits = outputs if isinstance(outputs, Tensor) else outputs.logits
-        ce = nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            labels[:, 1:].flatten(),
-            ignore_index=self._ngram_regularizer.ignore_index,
-        )
+        logprobs, mask = token_logprobs(logits, labels, regularizer.ignore_index)
+        ce = -logprobs.sum() / mask.sum().clamp_min(1)
         ref_logprobs = self._reference_logprobs(model, batch, labels)
-        reg = self._ngram_regularizer(logits, labels, ref_logprobs=ref_logprobs)
+        if ref_logprobs.shape != logprobs.shape:
+            raise ValueError(
+                f"reference log-probs have shape {tuple(ref_logprobs.shape)}, expected {tuple(logprobs.shape)}"
+                " (B, T - 1): the cache must be computed on the same token sequences."
+            )
+        reg = regularizer.weight * regularizer.penalty(logprobs, ref_logprobs, mask)
         if log:
             self.log("train/ce", ce.detach(), prog_bar=False)  # type: ignore[attr-defined]
             self.log("train/ngram_reg", reg.detach(), prog_bar=False)  # type: ignore[attr-defined]
         return ce + reg
+
+    def _ngram_model(self) -> nn.Module:
+        cached = getattr(self, "_ngram_model_cache", None)
+        if cached is None:
+            from lightning_ft.memorisation.callbacks import find_causal_lm
+
+            cached = [find_causal_lm(self, self._ngram_model_attr)]  # type: ignore[arg-type]
+            object.__setattr__(self, "_ngram_model_cache", cached)  # a list: not a submodule
+        return cached[0]

@@ -6,6 +6,8 @@ directory), then fine-tuned for 30 epochs on 32 chunks of the other half (``Memo
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lightning_ft.demos.memorisation import FinetuneResult, MemorisationDemoConfig, finetune, pretrained_base
@@ -49,6 +51,15 @@ def test_early_stopping_stops_early_with_less_memorisation(plain, config, base):
     assert stopped.ngram <= 0.5 * plain.ngram, (stopped, plain.ngram)
     # stopping early also keeps the model closer to the validation optimum
     assert stopped.val_ppl < plain.val_ppl
+
+
+def test_best_ngram_restores_best_validation_weights_inside_the_bound(plain, config, base):
+    best = finetune("best_ngram", config, base)
+    baseline = best.history[0]["ngram"]
+    assert best.epochs_trained < config.epochs
+    assert best.ngram <= baseline + config.max_rise
+    first_val = min(h["val_loss"] for h in best.val_history)
+    assert best.val_ppl == pytest.approx(math.exp(first_val), rel=1e-3)  # the best epoch's weights
 
 
 def test_regularizer_lowers_memorisation(plain, config, base):
