@@ -36,6 +36,7 @@ from lightning_ft.demos.text import TokenChunks, pydoc_chunks
 from lightning_ft.memorisation import MemorisationMonitor, greedy_continuations
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CARD = Path(__file__).resolve().parents[1] / "lightning_ft" / "memorisation" / "README.md"
 
 
 def _timed(fn, repeats: int, warmup: bool = True) -> tuple[float, Any]:
@@ -174,6 +175,8 @@ def bench_regularizer(base: dict, config: MemorisationDemoConfig, sweep: list[tu
     runs.append({"name": "n-gram early stopping (max_rise 0.10), weights at the stop", **_summary(stopped)})
     best = finetune("best_ngram", config, base)
     runs.append({"name": "n-gram early stopping + best n-gram restore (val_loss)", **_summary(best)})
+    goldfish = finetune("goldfish", config, base)
+    runs.append({"name": f"Goldfish loss (k {config.goldfish_k}, h {config.goldfish_h})", **_summary(goldfish)})
     for weight, gamma in sweep:
         cfg = replace(config, reg_weight=weight, reg_gamma=gamma)
         result = finetune("regularizer", cfg, base)
@@ -292,8 +295,19 @@ def main() -> None:
         results["regularizer"] = bench_regularizer(base, cfg, sweep)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=1))
-    (RESULTS / "memorisation.md").write_text(markdown(results))
-    print(markdown(results))
+    table = markdown(results)
+    (RESULTS / "memorisation.md").write_text(table)
+    write_into_card(table)
+    print(table)
+
+
+def write_into_card(table: str) -> None:
+    """Replace the method card's results section (between the ``results:start`` / ``results:end`` markers)."""
+    text = CARD.read_text()
+    start = text.index("<!-- results:start")
+    start = text.index("-->", start) + 3
+    end = text.index("<!-- results:end -->")
+    CARD.write_text(text[:start] + "\n" + table + text[end:])
 
 
 if __name__ == "__main__":

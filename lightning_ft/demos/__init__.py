@@ -14,7 +14,7 @@ __all__ = ["DEMOS", "load_demo"]
 
 DEMOS: dict[str, tuple[str, str]] = {
     "memorisation": (
-        "fine-tune a tiny GPT-2 on pydoc text: plain vs n-gram early stopping vs n-gram regulariser",
+        "fine-tune a tiny GPT-2 on pydoc text: plain vs n-gram early stopping vs n-gram regulariser vs Goldfish",
         "lightning_ft.demos.memorisation:main",
     ),
 }

@@ -18,13 +18,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_ft.demos.models import CausalLMModule, RegularizedCausalLMModule
+from lightning_ft.demos.models import CausalLMModule, GoldfishCausalLMModule, RegularizedCausalLMModule
 from lightning_ft.demos.text import PydocTextDataModule
 from lightning_ft.memorisation.callbacks import MemorisationEarlyStopping, MemorisationMonitor
 
 __all__ = ["KINDS", "MemorisationDemoConfig", "finetune", "main", "pretrained_base"]
 
-KINDS = ("plain", "early_stopping", "best_ngram", "regularizer")
+KINDS = ("plain", "early_stopping", "best_ngram", "regularizer", "goldfish")
 
 
 @dataclass
@@ -49,6 +49,8 @@ class MemorisationDemoConfig:
     reg_weight: float = 3.0
     reg_gamma: float = 0.5
     reg_ngram_sizes: tuple[int, ...] = field(default_factory=lambda: (4,))
+    goldfish_k: int = 4
+    goldfish_h: int = 13
     seed: int = 0
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -157,6 +159,10 @@ def finetune(
             reg_ngram_sizes=config.reg_ngram_sizes,
             lr=config.lr,
             **config.model_kwargs(),
+        )
+    elif kind == "goldfish":
+        module = GoldfishCausalLMModule(
+            goldfish_k=config.goldfish_k, goldfish_h=config.goldfish_h, lr=config.lr, **config.model_kwargs()
         )
     else:
         module = CausalLMModule(lr=config.lr, **config.model_kwargs())

@@ -10,9 +10,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_ft.memorisation.functional import goldfish_mask
 from lightning_ft.memorisation.regularizer import NGramRegularizedLM, NGramRegularizer
 
-__all__ = ["CausalLMModule", "RegularizedCausalLMModule", "tiny_causal_lm"]
+__all__ = ["CausalLMModule", "GoldfishCausalLMModule", "RegularizedCausalLMModule", "tiny_causal_lm"]
 
 
 def tiny_causal_lm(
@@ -137,5 +138,39 @@ class RegularizedCausalLMModule(NGramRegularizedLM, CausalLMModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.regularized_lm_loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+
+class GoldfishCausalLMModule(CausalLMModule):
+    """:class:`CausalLMModule` trained with the Goldfish loss (Hans et al. 2024): about ``1/k`` of the target tokens,
+    chosen by a hash of the ``h`` preceding targets, are left out of the loss.
+
+    Args:
+        goldfish_k: drop frequency.
+        goldfish_h: hash context width.
+        **kwargs: :class:`CausalLMModule` arguments.
+    """
+
+    def __init__(
+        self,
+        goldfish_k: int = 4,
+        goldfish_h: int = 13,
+        vocab_size: int = 1024,
+        n_positions: int = 128,
+        n_embd: int = 128,
+        n_layer: int = 2,
+        n_head: int = 4,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(vocab_size, n_positions, n_embd, n_layer, n_head, lr, weight_decay, seed, dropout)
+        self.goldfish_k, self.goldfish_h = goldfish_k, goldfish_h
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        labels = goldfish_mask(batch["labels"], k=self.goldfish_k, h=self.goldfish_h)
+        loss = self.model(input_ids=batch["input_ids"], labels=labels).loss
         self.log("train_loss", loss, prog_bar=True)
         return loss

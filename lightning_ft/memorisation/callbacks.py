@@ -97,6 +97,7 @@ class MemorisationMonitor(Callback):
         ignore_index: label value of unsupervised (prompt) positions.
         short_samples: ``"error"`` (default) or ``"skip"`` for samples too short for the split.
         log_examples: rows in the table of most-memorised samples (0 disables it).
+        progress_bar: show a progress bar over the probe batches on rank 0 during each check (long probes).
 
     Example::
 
@@ -126,6 +127,7 @@ class MemorisationMonitor(Callback):
         ignore_index: int = -100,
         short_samples: Literal["error", "skip"] = "error",
         log_examples: int = 8,
+        progress_bar: bool = False,
     ) -> None:
         super().__init__()
         positive_int("probe_size", probe_size)
@@ -171,6 +173,7 @@ class MemorisationMonitor(Callback):
         self.ignore_index = ignore_index
         self.short_samples: Literal["error", "skip"] = short_samples
         self.log_examples = log_examples
+        self.progress_bar = progress_bar
 
         self.probe: Probe | None = None
         self.baseline: dict[str, float] | None = None
@@ -288,7 +291,11 @@ class MemorisationMonitor(Callback):
         if rows.numel() > 0:
             with trainer.precision_plugin.forward_context():
                 generated = greedy_continuations(
-                    model, self.probe.prefix_batch(rows), self.suffix_len, batch_size=self.batch_size
+                    model,
+                    self.probe.prefix_batch(rows),
+                    self.suffix_len,
+                    batch_size=self.batch_size,
+                    progress=self.progress_bar and trainer.is_global_zero,
                 )
             metric.update(generated, self.probe.suffixes[rows].to(generated.device))
             assert metric.last_scores is not None
@@ -446,6 +453,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         ignore_index: int = -100,
         short_samples: Literal["error", "skip"] = "error",
         log_examples: int = 8,
+        progress_bar: bool = False,
     ) -> None:
         super().__init__(
             probe_size=probe_size,
@@ -465,6 +473,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
             ignore_index=ignore_index,
             short_samples=short_samples,
             log_examples=log_examples,
+            progress_bar=progress_bar,
         )
         if monitor not in _KEYS:
             raise ValueError(f"`monitor` must be one of {_KEYS}, got {monitor!r}.")

@@ -112,6 +112,7 @@ def greedy_continuations(
     batch_size: int = 64,
     pad_token_id: int | None = None,
     use_cache: bool | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """Greedy continuations of exactly ``suffix_len`` tokens for every prefix, batched with a KV cache.
 
@@ -167,9 +168,14 @@ def greedy_continuations(
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    starts = range(0, ids_all.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="memorisation probe", unit="batch", leave=False)
     with eval_mode(model):
         outputs = []
-        for start in range(0, ids_all.shape[0], batch_size):
+        for start in starts:
             ids = ids_all[start : start + batch_size].to(device)
             mask = mask_all[start : start + batch_size]
             # no padding in this batch: let the model use its causal fast path (no explicit attention mask)
