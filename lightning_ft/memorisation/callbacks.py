@@ -16,8 +16,14 @@ from typing_extensions import override
 
 from lightning_ft._internal.distributed import gather_uneven, shard_indices
 from lightning_ft._internal.logging import log_scalars, log_table
-from lightning_ft.memorisation.functional import Match, validate_ngram_sizes
-from lightning_ft.memorisation.generation import check_causal_lm, greedy_continuations
+from lightning_ft.memorisation.functional import Match, teacher_forced_accuracy, validate_ngram_sizes
+from lightning_ft.memorisation.generation import (
+    check_causal_lm,
+    eval_mode,
+    greedy_continuations,
+    left_pad,
+    supports_kv_cache,
+)
 from lightning_ft.memorisation.metrics import MemorisationScore
 from lightning_ft.memorisation.probe import Probe, Split, build_probe, positive_int
 
@@ -98,6 +104,9 @@ class MemorisationMonitor(Callback):
         short_samples: ``"error"`` (default) or ``"skip"`` for samples too short for the split.
         log_examples: rows in the table of most-memorised samples (0 disables it).
         progress_bar: show a progress bar over the probe batches on rank 0 during each check (long probes).
+        tf_every_n_steps: also log ``mem/tf_acc``, the teacher-forced proxy (one forward pass over prompt + true
+            suffix instead of ``suffix_len`` decode steps), every n optimizer steps (None: off). Cheap and dense, but
+            not greedy extraction: a greedily extracted sample has ``tf_acc = 1``, not the converse.
 
     Example::
 
@@ -128,6 +137,7 @@ class MemorisationMonitor(Callback):
         short_samples: Literal["error", "skip"] = "error",
         log_examples: int = 8,
         progress_bar: bool = False,
+        tf_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
         positive_int("probe_size", probe_size)
@@ -135,6 +145,7 @@ class MemorisationMonitor(Callback):
         positive_int("batch_size", batch_size)
         positive_int("check_every_n_epochs", check_every_n_epochs, allow_none=True)
         positive_int("check_every_n_steps", check_every_n_steps, allow_none=True)
+        positive_int("tf_every_n_steps", tf_every_n_steps, allow_none=True)
         self.ngram_sizes = validate_ngram_sizes(ngram_sizes, "ngram_sizes")
         if suffix_len < max(self.ngram_sizes):
             raise ValueError(
@@ -174,12 +185,14 @@ class MemorisationMonitor(Callback):
         self.short_samples: Literal["error", "skip"] = short_samples
         self.log_examples = log_examples
         self.progress_bar = progress_bar
+        self.tf_every_n_steps = tf_every_n_steps
 
         self.probe: Probe | None = None
         self.baseline: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         self._probe_indices: list[int] | None = None
         self._last_checked_step = -1
+        self.tf_history: list[dict[str, float]] = []
         self._metric: MemorisationScore | None = None
         self.check_seconds: list[float] = []  # wall time of each check in this process (not checkpointed)
 
@@ -247,8 +260,19 @@ class MemorisationMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        n = self.check_every_n_steps
         step = trainer.global_step
+        tf_n = self.tf_every_n_steps
+        if (
+            tf_n is not None
+            and step > 0
+            and step % tf_n == 0
+            and (not self.tf_history or self.tf_history[-1]["step"] != step)
+        ):
+            tf_acc = self.teacher_forced_accuracy(trainer, pl_module)
+            self.tf_history.append({"step": step, "epoch": trainer.current_epoch, "tf_acc": tf_acc})
+            pl_module.log("mem/tf_acc", tf_acc, on_step=True, on_epoch=False, logger=False)
+            log_scalars(trainer, {"mem/tf_acc": tf_acc})
+        n = self.check_every_n_steps
         if n is None or step == 0 or step % n != 0 or step == self._last_checked_step:
             return
         values = self._check(trainer, pl_module)
@@ -305,6 +329,38 @@ class MemorisationMonitor(Callback):
         self._maybe_log_examples(trainer, rows, per_sample, generated)
         return values, per_sample
 
+    def teacher_forced_accuracy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Mean teacher-forced suffix accuracy over the probe (sharded, summed over ranks); call on every rank."""
+        if self.probe is None:
+            raise RuntimeError("the probe is not built yet; available from on_train_start on.")
+        model = find_causal_lm(pl_module, self.model_attr)
+        rows = shard_indices(len(self.probe), trainer.global_rank, trainer.world_size)
+        total = torch.zeros(2, device=pl_module.device)  # (sum of accuracies, count)
+        hf_model = supports_kv_cache(model)
+        with torch.no_grad(), eval_mode(model), trainer.precision_plugin.forward_context():
+            for start in range(0, rows.numel(), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                prefixes = [self.probe.prefixes[int(i)] for i in chunk]
+                ids, mask = left_pad(prefixes, 0)
+                suffix = self.probe.suffixes[chunk]
+                ids = torch.cat([ids, suffix], 1).to(pl_module.device)
+                mask = torch.cat([mask, torch.ones_like(suffix)], 1).to(pl_module.device)
+                padded = not bool(mask.all())
+                position_ids = (mask.cumsum(-1) - 1).clamp_min(0) if padded else None
+                if hf_model:
+                    out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=position_ids)
+                elif padded:
+                    raise ValueError("prompts of different lengths need a Hugging Face causal LM (attention mask).")
+                else:
+                    out = model(ids)
+                logits = out if isinstance(out, Tensor) else out.logits
+                width = suffix.shape[1]
+                predicted = logits[:, -width - 1 : -1]  # position t predicts token t + 1
+                acc = teacher_forced_accuracy(predicted, suffix.to(pl_module.device))
+                total += torch.stack([acc.sum(), acc.new_tensor(float(acc.numel()))])
+        total = trainer.strategy.reduce(total, reduce_op="sum")
+        return float(total[0] / total[1].clamp_min(1))
+
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
         values, _ = self.evaluate(trainer, pl_module)
@@ -352,6 +408,7 @@ class MemorisationMonitor(Callback):
             "baseline": self.baseline,
             "history": list(self.history),
             "last_checked_step": self._last_checked_step,
+            "tf_history": list(self.tf_history),
         }
 
     @override
@@ -360,6 +417,7 @@ class MemorisationMonitor(Callback):
         self.baseline = state_dict.get("baseline")
         self.history = list(state_dict.get("history", []))
         self._last_checked_step = state_dict.get("last_checked_step", -1)
+        self.tf_history = list(state_dict.get("tf_history", []))
         self.probe = None  # rebuilt from the saved indices at train start
 
 
@@ -454,6 +512,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         short_samples: Literal["error", "skip"] = "error",
         log_examples: int = 8,
         progress_bar: bool = False,
+        tf_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
             probe_size=probe_size,
@@ -474,6 +533,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
             short_samples=short_samples,
             log_examples=log_examples,
             progress_bar=progress_bar,
+            tf_every_n_steps=tf_every_n_steps,
         )
         if monitor not in _KEYS:
             raise ValueError(f"`monitor` must be one of {_KEYS}, got {monitor!r}.")

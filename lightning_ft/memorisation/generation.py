@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["check_causal_lm", "eval_mode", "greedy_continuations", "left_pad"]
+__all__ = ["check_causal_lm", "eval_mode", "greedy_continuations", "left_pad", "supports_kv_cache"]
 
 
 def check_causal_lm(model: nn.Module) -> None:
@@ -34,7 +34,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _supports_kv_cache(model: nn.Module) -> bool:
+def supports_kv_cache(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face model (takes ``attention_mask``/``past_key_values`` keyword arguments)."""
     return hasattr(model, "config") and hasattr(model, "get_output_embeddings")
 
 
@@ -146,7 +147,7 @@ def greedy_continuations(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
     check_causal_lm(model)
-    hf_model = _supports_kv_cache(model)
+    hf_model = supports_kv_cache(model)
     if use_cache is None:
         use_cache = hf_model
     elif use_cache and not hf_model:

@@ -200,3 +200,21 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
     assert single["probe_indices"] == r0["probe_indices"]
     for key in ("ngram", "exact", "token_acc"):
         assert single["history"][0][key] == pytest.approx(r0["history"][0][key], abs=1e-6)
+
+
+def test_teacher_forced_proxy_is_logged_and_matches_a_direct_computation():
+    monitor = MemorisationMonitor(**PROBE, tf_every_n_steps=2)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[monitor], limit_val_batches=0)
+    module = tiny_lm_module()
+    trainer.fit(module, pydoc_datamodule())
+    assert [h["step"] for h in monitor.tf_history] == [2, 4, 6, 8]
+    assert "mem/tf_acc" in trainer.callback_metrics
+    probe = monitor.probe
+    ids = torch.cat([torch.stack(probe.prefixes), probe.suffixes], 1)
+    module.model.eval()
+    with torch.no_grad():
+        logits = module.model(input_ids=ids).logits[:, PROBE["prefix_len"] - 1 : -1]
+    direct = (logits.argmax(-1) == probe.suffixes).float().mean().item()
+    assert monitor.tf_history[-1]["tf_acc"] == pytest.approx(direct, abs=1e-6)
+    # the proxy upper-bounds exact extraction: every extracted suffix is fully right under teacher forcing
+    assert monitor.tf_history[-1]["tf_acc"] >= monitor.history[-1]["exact"]
