@@ -261,13 +261,7 @@ class MemorisationMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        tf_n = self.tf_every_n_steps
-        if (
-            tf_n is not None
-            and step > 0
-            and step % tf_n == 0
-            and (not self.tf_history or self.tf_history[-1]["step"] != step)
-        ):
+        if self._tf_due(step):
             tf_acc = self.teacher_forced_accuracy(trainer, pl_module)
             self.tf_history.append({"step": step, "epoch": trainer.current_epoch, "tf_acc": tf_acc})
             pl_module.log("mem/tf_acc", tf_acc, on_step=True, on_epoch=False, logger=False)
@@ -278,6 +272,11 @@ class MemorisationMonitor(Callback):
         values = self._check(trainer, pl_module)
         self._log(trainer, pl_module, values, on_step=True)
         self._after_check(trainer, pl_module, values)
+
+    def _tf_due(self, step: int) -> bool:
+        n = self.tf_every_n_steps
+        already = bool(self.tf_history) and self.tf_history[-1]["step"] == step  # accumulation: same step again
+        return n is not None and step > 0 and step % n == 0 and not already
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
