@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["is_wandb_logger", "log_scalars", "log_table"]
+__all__ = ["is_wandb_logger", "log_histogram", "log_scalars", "log_table"]
 
 
 def is_wandb_logger(logger: object) -> bool:
@@ -56,3 +56,17 @@ def log_table(
             logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=step)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(key, _markdown_table(columns, rows), global_step=step)
+
+
+@rank_zero_only
+def log_histogram(trainer: pl.Trainer, key: str, values: Any, step: int | None = None) -> None:
+    """Log a histogram of ``values`` (a tensor): ``wandb.Histogram`` for W&B, ``add_histogram`` for TensorBoard,
+    nothing for other loggers (log summary scalars alongside for those)."""
+    step = trainer.global_step if step is None else step
+    for logger in trainer.loggers:
+        if is_wandb_logger(logger):
+            import wandb
+
+            logger.experiment.log({key: wandb.Histogram(values.detach().cpu().numpy()), "trainer/global_step": step})
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_histogram(key, values.detach().cpu(), global_step=step)

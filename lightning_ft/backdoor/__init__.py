@@ -7,6 +7,7 @@ and TSBD stage 1's neuron-weight-change ranking and zero reinitialisation. The L
 
 from lightning_ft._internal.neurons import NeuronLayer, find_neuron_layers
 from lightning_ft.backdoor.attacks import BadNets, Blended, PoisonedDataset, triggered_test_set
+from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit, clean_unlearning
 from lightning_ft.backdoor.functional import (
     defense_effectiveness_rating,
     neuron_weight_changes,
@@ -21,8 +22,10 @@ __all__ = [
     "BadNets",
     "Blended",
     "NeuronLayer",
+    "NeuronWeightChangeReinit",
     "PoisonedDataset",
     "RobustAccuracy",
+    "clean_unlearning",
     "defense_effectiveness_rating",
     "find_neuron_layers",
     "neuron_weight_changes",

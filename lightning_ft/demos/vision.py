@@ -1,0 +1,90 @@
+"""Small image classifiers for demos and tests: a BN-CNN and a LightningModule around it or a timm model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ImageClassifier", "SmallBNCNN"]
+
+
+class SmallBNCNN(nn.Module):
+    """``conv(1->w)-BN-ReLU / conv(w->2w)-BN-ReLU-maxpool / conv(2w->4w)-BN-ReLU / GAP / fc`` (7w conv neurons)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.BatchNorm2d(4 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy classifier over ``(image, label)`` batches; SGD with momentum; logs ``train_loss``, ``val_acc``.
+
+    Args:
+        arch: ``"bn_cnn"`` (:class:`SmallBNCNN`) or a timm model name (built with ``pretrained=False``).
+        num_classes: output classes.
+        in_channels: image channels.
+        width: :class:`SmallBNCNN` width.
+        lr, momentum, weight_decay: SGD settings.
+        seed: initialisation seed.
+    """
+
+    def __init__(
+        self,
+        arch: str = "bn_cnn",
+        num_classes: int = 10,
+        in_channels: int = 1,
+        width: int = 16,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if arch == "bn_cnn":
+                self.model: nn.Module = SmallBNCNN(in_channels, num_classes, width)
+            else:
+                import timm
+
+                self.model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
