@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -216,6 +217,8 @@ def format_table(results: list[FinetuneResult]) -> str:
 
 def main(fast: bool = False, json_path: str | None = None) -> list[FinetuneResult]:
     """Run the fine-tunings of :data:`KINDS` and print the table (``fast``: fewer epochs, for smoke tests)."""
+    for name in ("lightning.pytorch", "lightning.fabric"):  # keep the demo's output to its own table
+        logging.getLogger(name).setLevel(logging.WARNING)
     config = MemorisationDemoConfig()
     if fast:
         config.epochs, config.pretrain_epochs = 4, 1
