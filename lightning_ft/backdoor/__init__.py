@@ -6,6 +6,7 @@ and TSBD stage 1's neuron-weight-change ranking and zero reinitialisation. The L
 """
 
 from lightning_ft._internal.neurons import NeuronLayer, find_neuron_layers
+from lightning_ft.backdoor.activeness import ActivenessAwareFineTuning, activeness_aware_gradients_
 from lightning_ft.backdoor.attacks import BadNets, Blended, PoisonedDataset, triggered_test_set
 from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit, clean_unlearning
 from lightning_ft.backdoor.functional import (
@@ -18,6 +19,7 @@ from lightning_ft.backdoor.functional import (
 from lightning_ft.backdoor.metrics import AttackSuccessRate, RobustAccuracy
 
 __all__ = [
+    "ActivenessAwareFineTuning",
     "AttackSuccessRate",
     "BadNets",
     "Blended",
@@ -25,6 +27,7 @@ __all__ = [
     "NeuronWeightChangeReinit",
     "PoisonedDataset",
     "RobustAccuracy",
+    "activeness_aware_gradients_",
     "clean_unlearning",
     "defense_effectiveness_rating",
     "find_neuron_layers",

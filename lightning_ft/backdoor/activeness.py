@@ -1,0 +1,184 @@
+"""TSBD stage 2: activeness-aware fine-tuning (gradient-norm-penalised update, two-pass approximation).
+
+The objective ``L_ft = L + lambda * ||grad L||`` has the gradient ``grad L + lambda * H grad L / ||grad L||``.
+Zhao et al. (2022) approximate it by a finite difference along the normalised gradient with step ``r``::
+
+    grad L_ft ~= (1 - alpha) * grad L(theta) + alpha * grad L(theta + r * g / ||g||),   alpha = lambda / r
+
+which the official TSBD code (``train_finetuning_reg``) applies per batch with a per-tensor norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ft.backdoor.callbacks import _xy
+
+__all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_"]
+
+Norm = Literal["per_tensor", "global"]
+
+
+def activeness_aware_gradients_(
+    model: nn.Module,
+    loss_fn: Callable[[], Tensor],
+    alpha: float = 0.7,
+    r: float = 0.05,
+    norm: Norm = "per_tensor",
+    eps: float = 1e-12,
+    reduce_fn: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """Replace every ``p.grad`` of ``model`` by ``(1 - alpha) * g1 + alpha * g2`` in place.
+
+    ``g1`` is the current ``p.grad`` (the plain gradient at ``theta``); ``g2`` is the gradient of ``loss_fn()`` (the
+    same batch's loss, recomputed through ``model``) at ``theta + r * g1 / (||g1|| + eps)``, with the norm taken per
+    tensor (official code; every tensor moves by ``r``) or over all tensors (``"global"``, the paper's formula).
+    Parameters without a gradient are skipped. Parameters and buffers (BatchNorm statistics) are restored
+    bit-exactly after the perturbed pass.
+
+    Args:
+        model: the module whose parameters carry the gradient.
+        loss_fn: recomputes the loss through ``model`` (called once, with grad enabled).
+        alpha: mixing weight in [0, 1]; 0 leaves the plain gradient.
+        r: perturbation radius, > 0.
+        norm: ``"per_tensor"`` or ``"global"``.
+        eps: added to norms (a zero gradient does not divide by zero).
+        reduce_fn: averages a flat tensor over data-parallel ranks (the perturbed gradient is local).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+    if not r > 0:
+        raise ValueError(f"`r` must be > 0, got {r}.")
+    if norm not in ("per_tensor", "global"):
+        raise ValueError(f'`norm` must be "per_tensor" or "global", got {norm!r}.')
+    params = [p for p in model.parameters() if p.grad is not None]
+    if alpha == 0.0 or not params:
+        return
+    g1 = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+    saved_params = [p.detach().clone() for p in params]
+    saved_buffers = [b.detach().clone() for b in model.buffers()]
+    with torch.no_grad():
+        if norm == "global":
+            # at least fp32 (bf16 gradients), never below the gradients' own precision
+            total = torch.sqrt(sum((g.to(torch.promote_types(g.dtype, torch.float32)) ** 2).sum() for g in g1))  # type: ignore[arg-type]
+            for p, g in zip(params, g1, strict=True):
+                p.add_(g * (r / (total + eps)).to(g.dtype))
+        else:
+            for p, g in zip(params, g1, strict=True):
+                p.add_(g * (r / (g.norm() + eps)))
+    try:
+        with torch.enable_grad():
+            g2 = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params, strict=True):
+                p.copy_(saved)
+            for b, saved in zip(model.buffers(), saved_buffers, strict=True):
+                b.copy_(saved)
+    g2 = [torch.zeros_like(g) if h is None else h for g, h in zip(g1, g2, strict=True)]
+    if reduce_fn is not None:
+        flat = reduce_fn(torch.cat([h.reshape(-1) for h in g2]))
+        g2 = list(torch.split(flat, [h.numel() for h in g2]))
+        g2 = [h.view_as(g) for h, g in zip(g2, g1, strict=True)]
+    with torch.no_grad():
+        for p, a, b in zip(params, g1, g2, strict=True):
+            p.grad.copy_((1 - alpha) * a + alpha * b)  # type: ignore[union-attr]
+
+
+class ActivenessAwareFineTuning(Callback):
+    """TSBD stage 2: fine-tune with the gradient-norm-penalised update, which damps backdoor-active neurons.
+
+    In ``on_before_optimizer_step`` (gradients accumulated, unscaled and, under DDP, already all-reduced) the plain
+    gradient ``g1`` is mixed with the gradient ``g2`` at the point ``theta + r * g1 / ||g1||`` computed on the same
+    batch (:func:`activeness_aware_gradients_`): one extra forward and backward per step, so the step costs about
+    twice a plain one. ``g2`` is averaged over ranks. Parameters and BatchNorm buffers are restored exactly after
+    the perturbed pass, which runs in fp32 without autocast.
+
+    The loss of the perturbed pass is cross-entropy of ``pl_module(x)`` on the stashed ``(x, y)`` batch; override
+    :meth:`compute_loss` for other models.
+
+    Args:
+        alpha: mixing weight (official: 0.7, i.e. lambda = alpha * r = 0.035).
+        r: perturbation radius (official: 0.05).
+        norm: ``"per_tensor"`` (official code) or ``"global"`` (the paper's formula).
+        eps: numerical floor of the norms.
+
+    Raises:
+        ValueError: at train start with ``accumulate_grad_batches > 1`` (only the last micro-batch would be seen),
+            manual optimisation, or several optimizers.
+
+    Reference: Lin et al., NeurIPS 2024 (TSBD); Zhao, Zhang & Hu, "Penalizing Gradient Norm for Efficiently Improving
+    Generalization in Deep Learning", ICML 2022.
+    """
+
+    def __init__(self, alpha: float = 0.7, r: float = 0.05, norm: Norm = "per_tensor", eps: float = 1e-12) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+        if not r > 0:
+            raise ValueError(f"`r` must be > 0, got {r}.")
+        if norm not in ("per_tensor", "global"):
+            raise ValueError(f'`norm` must be "per_tensor" or "global", got {norm!r}.')
+        self.alpha, self.r, self.norm, self.eps = alpha, r, norm, eps
+        self._batch: Any = None
+        self.steps = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(alpha=self.alpha, r=self.r, norm=self.norm)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "ActivenessAwareFineTuning recomputes the loss on the current batch only, so it does not support"
+                f" accumulate_grad_batches={trainer.accumulate_grad_batches}; use a larger batch instead."
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError("ActivenessAwareFineTuning needs automatic optimization (it hooks the optimizer step).")
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"ActivenessAwareFineTuning supports one optimizer, got {len(trainer.optimizers)}.")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    def compute_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        """The loss of the perturbed pass (default: cross-entropy on an ``(x, y)`` batch)."""
+        x, y = _xy(batch)
+        return nn.functional.cross_entropy(pl_module(x), y)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._batch is None:
+            return
+        batch = self._batch
+
+        def reduce(flat: Tensor) -> Tensor:
+            return trainer.strategy.reduce(flat, reduce_op="mean") if trainer.world_size > 1 else flat
+
+        activeness_aware_gradients_(
+            pl_module, lambda: self.compute_loss(pl_module, batch), self.alpha, self.r, self.norm, self.eps, reduce
+        )
+        self.steps += 1
+        self._batch = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = state_dict.get("steps", 0)
