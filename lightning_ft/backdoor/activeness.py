@@ -26,6 +26,15 @@ __all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_"]
 Norm = Literal["per_tensor", "global"]
 
 
+def _validate(alpha: float, r: float, norm: str) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
+    if not r > 0:
+        raise ValueError(f"`r` must be > 0, got {r}.")
+    if norm not in ("per_tensor", "global"):
+        raise ValueError(f'`norm` must be "per_tensor" or "global", got {norm!r}.')
+
+
 def activeness_aware_gradients_(
     model: nn.Module,
     loss_fn: Callable[[], Tensor],
@@ -52,12 +61,7 @@ def activeness_aware_gradients_(
         eps: added to norms (a zero gradient does not divide by zero).
         reduce_fn: averages a flat tensor over data-parallel ranks (the perturbed gradient is local).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
-    if not r > 0:
-        raise ValueError(f"`r` must be > 0, got {r}.")
-    if norm not in ("per_tensor", "global"):
-        raise ValueError(f'`norm` must be "per_tensor" or "global", got {norm!r}.')
+    _validate(alpha, r, norm)
     params = [p for p in model.parameters() if p.grad is not None]
     if alpha == 0.0 or not params:
         return
@@ -120,12 +124,7 @@ class ActivenessAwareFineTuning(Callback):
 
     def __init__(self, alpha: float = 0.7, r: float = 0.05, norm: Norm = "per_tensor", eps: float = 1e-12) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha}.")
-        if not r > 0:
-            raise ValueError(f"`r` must be > 0, got {r}.")
-        if norm not in ("per_tensor", "global"):
-            raise ValueError(f'`norm` must be "per_tensor" or "global", got {norm!r}.')
+        _validate(alpha, r, norm)
         self.alpha, self.r, self.norm, self.eps = alpha, r, norm, eps
         self._batch: Any = None
         self.steps = 0
