@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_ft._internal.validation import check_int
+
 __all__ = ["BadNets", "Blended", "PoisonedDataset", "triggered_test_set"]
 
 Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
@@ -33,8 +35,7 @@ class BadNets:
     """
 
     def __init__(self, size: int = 3, location: Corner = "bottom_right", value: float = 1.0) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"`size` must be an integer >= 1, got {size!r}.")
+        check_int("size", size)
         if location not in ("bottom_right", "bottom_left", "top_right", "top_left"):
             raise ValueError(
                 f"`location` must be one of bottom_right/bottom_left/top_right/top_left, got {location!r}."

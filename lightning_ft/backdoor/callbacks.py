@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_histogram, log_scalars
+from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import LAYER_TYPES, find_neuron_layers
+from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.functional import neuron_weight_changes, select_reinit_weights, zero_reinit_
 
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
@@ -38,18 +40,13 @@ def _xy(batch: Any) -> tuple[Tensor, Tensor]:
 def _accuracy_and_classes(model: nn.Module, loader: Iterable[Any], device: torch.device) -> tuple[float, int]:
     """Eval-mode accuracy over ``loader`` and the number of distinct predicted classes."""
     correct, total, seen = 0, 0, torch.zeros(0, dtype=torch.long)
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in loader:
             x, y = _xy(batch)
             pred = model(x.to(device)).argmax(-1).cpu()
             correct += int((pred == y.cpu()).sum())
             total += int(y.numel())
             seen = torch.unique(torch.cat([seen, pred]))
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
     if total == 0:
         raise ValueError("the clean data loader is empty: TSBD's clean unlearning needs clean samples.")
     return correct / total, int(seen.numel())
@@ -154,8 +151,7 @@ class NeuronWeightChangeReinit(Callback):
             raise ValueError(f"`unlearn_stop_acc` must be in [0, 1], got {unlearn_stop_acc}.")
         if not lr_unlearn > 0:
             raise ValueError(f"`lr_unlearn` must be > 0, got {lr_unlearn}.")
-        if isinstance(max_unlearn_epochs, bool) or not isinstance(max_unlearn_epochs, int) or max_unlearn_epochs < 1:
-            raise ValueError(f"`max_unlearn_epochs` must be an integer >= 1, got {max_unlearn_epochs!r}.")
+        check_int("max_unlearn_epochs", max_unlearn_epochs)
         if not layer_types or set(layer_types) - set(LAYER_TYPES):
             raise ValueError(f"`layer_types` must be a non-empty subset of {LAYER_TYPES}, got {tuple(layer_types)!r}.")
         self.neuron_ratio, self.subweight_ratio = float(neuron_ratio), float(subweight_ratio)

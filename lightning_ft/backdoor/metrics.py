@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_ft._internal.validation import check_int
+
 __all__ = ["AttackSuccessRate", "RobustAccuracy"]
 
 
@@ -20,8 +22,7 @@ class _TriggeredAccuracy(Metric):
 
     def __init__(self, target: int = 0, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        if isinstance(target, bool) or not isinstance(target, int) or target < 0:
-            raise ValueError(f"`target` must be a class index >= 0, got {target!r}.")
+        check_int("target", target, minimum=0)  # a class index
         self.target = target
         self.add_state("hits", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")

@@ -16,16 +16,17 @@ from typing_extensions import override
 
 from lightning_ft._internal.distributed import gather_uneven, shard_indices
 from lightning_ft._internal.logging import log_scalars, log_table
+from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.validation import check_int
 from lightning_ft.memorisation.functional import Match, teacher_forced_accuracy, validate_ngram_sizes
 from lightning_ft.memorisation.generation import (
     check_causal_lm,
-    eval_mode,
     greedy_continuations,
     left_pad,
     supports_kv_cache,
 )
 from lightning_ft.memorisation.metrics import MemorisationScore
-from lightning_ft.memorisation.probe import Probe, Split, build_probe, positive_int
+from lightning_ft.memorisation.probe import Probe, Split, build_probe
 
 __all__ = ["MemorisationEarlyStopping", "MemorisationMonitor", "find_causal_lm"]
 
@@ -140,12 +141,12 @@ class MemorisationMonitor(Callback):
         tf_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        positive_int("probe_size", probe_size)
-        positive_int("suffix_len", suffix_len)
-        positive_int("batch_size", batch_size)
-        positive_int("check_every_n_epochs", check_every_n_epochs, allow_none=True)
-        positive_int("check_every_n_steps", check_every_n_steps, allow_none=True)
-        positive_int("tf_every_n_steps", tf_every_n_steps, allow_none=True)
+        check_int("probe_size", probe_size)
+        check_int("suffix_len", suffix_len)
+        check_int("batch_size", batch_size)
+        check_int("check_every_n_epochs", check_every_n_epochs, allow_none=True)
+        check_int("check_every_n_steps", check_every_n_steps, allow_none=True)
+        check_int("tf_every_n_steps", tf_every_n_steps, allow_none=True)
         self.ngram_sizes = validate_ngram_sizes(ngram_sizes, "ngram_sizes")
         if suffix_len < max(self.ngram_sizes):
             raise ValueError(
@@ -157,17 +158,16 @@ class MemorisationMonitor(Callback):
         if split == "prefix":
             if prefix_len is None:
                 raise ValueError('`prefix_len` is required with split="prefix"; e.g. prefix_len=32.')
-            positive_int("prefix_len", prefix_len)
+            check_int("prefix_len", prefix_len)
         elif prefix_len is not None:
-            positive_int("prefix_len", prefix_len)
+            check_int("prefix_len", prefix_len)
         if match not in ("bag", "positional"):
             raise ValueError(f'`match` must be "bag" or "positional", got {match!r}.')
         if short_samples not in ("error", "skip"):
             raise ValueError(f'`short_samples` must be "error" or "skip", got {short_samples!r}.')
         if check_every_n_epochs is None and check_every_n_steps is None and not check_at_start:
             raise ValueError("the monitor would never run: set `check_every_n_epochs` or `check_every_n_steps`.")
-        if isinstance(log_examples, bool) or not isinstance(log_examples, int) or log_examples < 0:
-            raise ValueError(f"`log_examples` must be an integer >= 0, got {log_examples!r}.")
+        check_int("log_examples", log_examples, minimum=0)
         self.probe_size = probe_size
         self.prefix_len = prefix_len
         self.suffix_len = suffix_len
@@ -548,7 +548,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
             raise ValueError("no stopping rule is enabled: set `threshold`, `max_rise` or `max_slope`.")
         if max_rise is not None and not check_at_start:
             raise ValueError("`max_rise` compares with the step-0 baseline: keep check_at_start=True or unset it.")
-        positive_int("patience", patience)
+        check_int("patience", patience)
         if val_mode not in ("min", "max"):
             raise ValueError(f'`val_mode` must be "min" or "max", got {val_mode!r}.')
         self.monitor = monitor

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_ft._internal.validation import check_int
+
 __all__ = [
     "exact_match",
     "goldfish_mask",
@@ -290,10 +292,8 @@ def goldfish_mask(
         >>> 0.1 < dropped < 0.4
         True
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"`k` must be an integer >= 2 (drop 1/k of tokens), got {k!r}.")
-    if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-        raise ValueError(f"`h` (goldfish context width) must be an integer >= 1, got {h!r}.")
+    check_int("k", k, minimum=2)  # drop 1/k of the tokens
+    check_int("h", h)  # goldfish context width
     if labels.dim() != 2 or labels.is_floating_point():
         raise ValueError(f"`labels` must be an integer tensor of shape (B, T), got {tuple(labels.shape)}.")
     out = labels.clone()

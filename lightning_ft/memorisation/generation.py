@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.validation import check_int
 
 __all__ = ["check_causal_lm", "eval_mode", "greedy_continuations", "left_pad", "supports_kv_cache"]
 
@@ -20,18 +22,6 @@ def check_causal_lm(model: nn.Module) -> None:
             f"{type(model).__name__} has no language-model head (get_output_embeddings() is None), so it cannot"
             " generate. Load it with transformers.AutoModelForCausalLM (e.g. GPT2LMHeadModel, LlamaForCausalLM)."
         )
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore each submodule's own train/eval flag afterwards (frozen parts stay)."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def supports_kv_cache(model: nn.Module) -> bool:
@@ -142,10 +132,8 @@ def greedy_continuations(
         >>> greedy_continuations(lm, torch.randint(0, 64, (5, 8)), suffix_len=4).shape
         torch.Size([5, 4])
     """
-    if isinstance(suffix_len, bool) or not isinstance(suffix_len, int) or suffix_len < 1:
-        raise ValueError(f"`suffix_len` must be an integer >= 1, got {suffix_len!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+    check_int("suffix_len", suffix_len)
+    check_int("batch_size", batch_size)
     check_causal_lm(model)
     hf_model = supports_kv_cache(model)
     if use_cache is None:

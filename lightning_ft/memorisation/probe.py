@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["Probe", "build_probe", "positive_int", "sample_tokens"]
+from lightning_ft._internal.validation import check_int
+
+__all__ = ["Probe", "build_probe", "sample_tokens"]
 
 Split = Literal["prefix", "labels"]
 
@@ -38,14 +40,6 @@ class Probe:
         if chosen and all(p.numel() == chosen[0].numel() for p in chosen):
             return torch.stack(chosen)
         return chosen
-
-
-def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}.")
 
 
 def _to_tensor(value: Any, what: str) -> Tensor:
@@ -146,11 +140,11 @@ def build_probe(
     if short_samples not in ("error", "skip"):
         raise ValueError(f'`short_samples` must be "error" or "skip", got {short_samples!r}.')
     if indices is None:
-        positive_int("probe_size", probe_size)
-    positive_int("suffix_len", suffix_len)
+        check_int("probe_size", probe_size)
+    check_int("suffix_len", suffix_len)
     if split == "prefix" and prefix_len is None:
         raise ValueError('`prefix_len` is required with split="prefix"; e.g. prefix_len=32.')
-    positive_int("prefix_len", prefix_len, allow_none=split == "labels")
+    check_int("prefix_len", prefix_len, allow_none=split == "labels")
     n_data = len(dataset)  # type: ignore[arg-type]
     if n_data == 0:
         raise ValueError("the training dataset is empty: there is nothing to probe for memorisation.")

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.validation import check_int
 from lightning_ft.memorisation.functional import ngram_regularizer, token_logprobs, validate_ngram_sizes
-from lightning_ft.memorisation.generation import eval_mode
 
 __all__ = [
     "NGramRegularizedLM",
@@ -126,8 +127,7 @@ def compute_reference_logprobs(
     """
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must be (N, T), got {tuple(input_ids.shape)}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+    check_int("batch_size", batch_size)
     device = next(model.parameters()).device
     with eval_mode(model):
         chunks = []
