@@ -6,7 +6,11 @@ and TSBD stage 1's neuron-weight-change ranking and zero reinitialisation. The L
 """
 
 from lightning_ft._internal.neurons import NeuronLayer, find_neuron_layers
-from lightning_ft.backdoor.activeness import ActivenessAwareFineTuning, activeness_aware_gradients_
+from lightning_ft.backdoor.activeness import (
+    ActivenessAwareFineTuning,
+    activeness_aware_gradients_,
+    clip_neuron_gradients_,
+)
 from lightning_ft.backdoor.attacks import BadNets, Blended, PoisonedDataset, triggered_test_set
 from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit, clean_unlearning
 from lightning_ft.backdoor.functional import (
@@ -29,6 +33,7 @@ __all__ = [
     "RobustAccuracy",
     "activeness_aware_gradients_",
     "clean_unlearning",
+    "clip_neuron_gradients_",
     "defense_effectiveness_rating",
     "find_neuron_layers",
     "neuron_weight_changes",

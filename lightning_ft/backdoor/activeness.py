@@ -1,4 +1,5 @@
-"""TSBD stage 2: activeness-aware fine-tuning (gradient-norm-penalised update, two-pass approximation).
+"""TSBD stage 2: activeness-aware fine-tuning (gradient-norm-penalised update, two-pass approximation), and a
+one-pass per-neuron gradient-norm clipping variant.
 
 The objective ``L_ft = L + lambda * ||grad L||`` has the gradient ``grad L + lambda * H grad L / ||grad L||``.
 Zhao et al. (2022) approximate it by a finite difference along the normalised gradient with step ``r``::
@@ -6,11 +7,16 @@ Zhao et al. (2022) approximate it by a finite difference along the normalised gr
     grad L_ft ~= (1 - alpha) * grad L(theta) + alpha * grad L(theta + r * g / ||g||),   alpha = lambda / r
 
 which the official TSBD code (``train_finetuning_reg``) applies per batch with a per-tensor norm.
+
+``mode="clip"`` is our reconstruction of the cheaper defense named in the design: TSBD observes that backdoor-related
+neurons have far larger gradient norms on clean data than the rest, and the penalty damps exactly those updates. The
+clip variant does that directly, in one pass: every neuron's (output channel's) gradient norm is capped at
+``clip_factor`` times the median neuron gradient norm of its layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,11 +25,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_ft._internal.neurons import LAYER_TYPES, NeuronLayer, find_neuron_layers
 from lightning_ft.backdoor.callbacks import _xy
 
-__all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_"]
+__all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_", "clip_neuron_gradients_"]
 
 Norm = Literal["per_tensor", "global"]
+Mode = Literal["penalty", "clip"]
 
 
 def _validate(alpha: float, r: float, norm: str) -> None:
@@ -96,61 +104,146 @@ def activeness_aware_gradients_(
             p.grad.copy_((1 - alpha) * a + alpha * b)  # type: ignore[union-attr]
 
 
-class ActivenessAwareFineTuning(Callback):
-    """TSBD stage 2: fine-tune with the gradient-norm-penalised update, which damps backdoor-active neurons.
+def _check_clip_factor(clip_factor: float) -> None:
+    if isinstance(clip_factor, bool) or not isinstance(clip_factor, (int, float)) or not clip_factor > 0:
+        raise ValueError(f"`clip_factor` must be a number > 0, got {clip_factor!r}.")
 
-    In ``on_before_optimizer_step`` (gradients accumulated, unscaled and, under DDP, already all-reduced) the plain
-    gradient ``g1`` is mixed with the gradient ``g2`` at the point ``theta + r * g1 / ||g1||`` computed on the same
-    batch (:func:`activeness_aware_gradients_`): one extra forward and backward per step, so the step costs about
-    twice a plain one. ``g2`` is averaged over ranks. Parameters and BatchNorm buffers are restored exactly after
-    the perturbed pass, which runs in fp32 without autocast.
 
-    The loss of the perturbed pass is cross-entropy of ``pl_module(x)`` on the stashed ``(x, y)`` batch; override
-    :meth:`compute_loss` for other models.
+@torch.no_grad()
+def clip_neuron_gradients_(layers: Sequence[NeuronLayer], clip_factor: float = 1.0, eps: float = 1e-12) -> Tensor:
+    """Cap each neuron's gradient norm at ``clip_factor`` times its layer's median neuron gradient norm, in place.
+
+    A neuron's gradient is its output channel's slice of ``weight.grad`` together with its ``bias.grad`` entry; when
+    its L2 norm ``n_j`` exceeds ``tau = clip_factor * median_j(n_j)``, both are scaled by ``tau / n_j``. Layers
+    without a gradient are skipped. One vectorised pass per layer, no extra forward or backward.
 
     Args:
-        alpha: mixing weight (official: 0.7, i.e. lambda = alpha * r = 0.035).
-        r: perturbation radius (official: 0.05).
-        norm: ``"per_tensor"`` (official code) or ``"global"`` (the paper's formula).
+        layers: neuron layers (:func:`~lightning_ft.backdoor.find_neuron_layers`).
+        clip_factor: the cap as a multiple of the layer's median neuron gradient norm, > 0 (1.0: at most the
+            median, i.e. every above-median neuron is scaled down to it).
         eps: numerical floor of the norms.
 
+    Returns:
+        The number of neurons whose gradient was scaled down, as a 0-dim tensor (no host sync).
+    """
+    _check_clip_factor(clip_factor)
+    clipped = torch.zeros((), dtype=torch.long)
+    for layer in layers:
+        grad = layer.weight.grad
+        if grad is None:
+            continue
+        bias = getattr(layer.module, "bias", None)
+        bias_grad = bias.grad if isinstance(bias, Tensor) else None
+        squared = layer.per_neuron(grad).float().pow(2).sum(1)
+        if bias_grad is not None:
+            squared = squared + bias_grad.float().pow(2)
+        norms = squared.sqrt()
+        scale = (clip_factor * norms.median() / (norms + eps)).clamp_(max=1.0)
+        shape = [1] * grad.dim()
+        shape[layer.out_dim] = -1
+        grad.mul_(scale.to(grad.dtype).view(shape))
+        if bias_grad is not None:
+            bias_grad.mul_(scale.to(bias_grad.dtype))
+        clipped = clipped.to(scale.device) + (scale < 1.0).sum()
+    return clipped
+
+
+class ActivenessAwareFineTuning(Callback):
+    """TSBD stage 2: fine-tune with an update that damps backdoor-active neurons.
+
+    ``mode="penalty"`` (the paper): in ``on_before_optimizer_step`` (gradients accumulated, unscaled and, under DDP,
+    already all-reduced) the plain gradient ``g1`` is mixed with the gradient ``g2`` at the point
+    ``theta + r * g1 / ||g1||`` computed on the same batch (:func:`activeness_aware_gradients_`): one extra forward and
+    backward per step, so the step costs about twice a plain one. ``g2`` is averaged over ranks. Parameters and
+    BatchNorm buffers are restored exactly after the perturbed pass, which runs without autocast. The loss of the
+    perturbed pass is cross-entropy of ``pl_module(x)`` on the stashed ``(x, y)`` batch; override
+    :meth:`compute_loss` for other models.
+
+    ``mode="clip"`` (our one-pass reconstruction): each neuron's gradient norm is capped at ``clip_factor`` times its
+    layer's median (:func:`clip_neuron_gradients_`) over the ``layer_types`` layers; no extra pass, no batch needed.
+    Gradients are already identical on all ranks, so the clipped update is too.
+
+    Args:
+        alpha: penalty mode's mixing weight (official: 0.7, i.e. lambda = alpha * r = 0.035).
+        r: penalty mode's perturbation radius (official: 0.05).
+        norm: ``"per_tensor"`` (official code) or ``"global"`` (the paper's formula).
+        eps: numerical floor of the norms.
+        mode: ``"penalty"`` or ``"clip"``.
+        clip_factor: clip mode's cap, as a multiple of each layer's median neuron gradient norm.
+        layer_types: clip mode's neuron layers, subset of ``("conv", "linear", "hf_conv1d")``.
+        include: clip mode: regexes a layer name must match (empty: all).
+        exclude: clip mode: regexes of layer names to skip.
+
     Raises:
-        ValueError: at train start with ``accumulate_grad_batches > 1`` (only the last micro-batch would be seen),
-            manual optimisation, or several optimizers.
+        ValueError: at train start with ``accumulate_grad_batches > 1`` in penalty mode (only the last micro-batch
+            would be seen), manual optimisation, or several optimizers.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NeuronWeightChangeReinit(lr_unlearn=1e-3), ActivenessAwareFineTuning()])
+        trainer.fit(classifier, clean_datamodule)
 
     Reference: Lin et al., NeurIPS 2024 (TSBD); Zhao, Zhang & Hu, "Penalizing Gradient Norm for Efficiently Improving
     Generalization in Deep Learning", ICML 2022.
     """
 
-    def __init__(self, alpha: float = 0.7, r: float = 0.05, norm: Norm = "per_tensor", eps: float = 1e-12) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.7,
+        r: float = 0.05,
+        norm: Norm = "per_tensor",
+        eps: float = 1e-12,
+        mode: Mode = "penalty",
+        clip_factor: float = 1.0,
+        layer_types: Sequence[str] = ("conv", "linear", "hf_conv1d"),
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+    ) -> None:
         super().__init__()
         _validate(alpha, r, norm)
+        if mode not in ("penalty", "clip"):
+            raise ValueError(f'`mode` must be "penalty" or "clip", got {mode!r}.')
+        _check_clip_factor(clip_factor)
+        if not layer_types or set(layer_types) - set(LAYER_TYPES):
+            raise ValueError(f"`layer_types` must be a non-empty subset of {LAYER_TYPES}, got {tuple(layer_types)!r}.")
         self.alpha, self.r, self.norm, self.eps = alpha, r, norm, eps
+        self.mode, self.clip_factor = mode, float(clip_factor)
+        self.layer_types, self.include, self.exclude = tuple(layer_types), tuple(include), tuple(exclude)
+        self._layers: list[NeuronLayer] = []
         self._batch: Any = None
         self.steps = 0
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(alpha=self.alpha, r=self.r, norm=self.norm)
+        return self._generate_state_key(mode=self.mode, alpha=self.alpha, r=self.r, norm=self.norm)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.mode == "clip":  # fail before training on a model without eligible layers
+            self._layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.accumulate_grad_batches != 1:
+        if self.mode == "penalty" and trainer.accumulate_grad_batches != 1:
             raise ValueError(
-                "ActivenessAwareFineTuning recomputes the loss on the current batch only, so it does not support"
-                f" accumulate_grad_batches={trainer.accumulate_grad_batches}; use a larger batch instead."
+                "ActivenessAwareFineTuning(mode='penalty') recomputes the loss on the current batch only, so it does"
+                f" not support accumulate_grad_batches={trainer.accumulate_grad_batches}; use a larger batch or"
+                " mode='clip'."
             )
         if not pl_module.automatic_optimization:
             raise ValueError("ActivenessAwareFineTuning needs automatic optimization (it hooks the optimizer step).")
         if len(trainer.optimizers) != 1:
             raise ValueError(f"ActivenessAwareFineTuning supports one optimizer, got {len(trainer.optimizers)}.")
+        if self.mode == "clip":  # the strategy may have wrapped or moved modules since setup
+            self._layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = batch
+        if self.mode == "penalty":
+            self._batch = batch
 
     def compute_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         """The loss of the perturbed pass (default: cross-entropy on an ``(x, y)`` batch)."""
@@ -161,6 +254,10 @@ class ActivenessAwareFineTuning(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self.mode == "clip":
+            clip_neuron_gradients_(self._layers, self.clip_factor, self.eps)
+            self.steps += 1
+            return
         if self._batch is None:
             return
         batch = self._batch

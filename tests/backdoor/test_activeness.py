@@ -1,4 +1,5 @@
-"""TSBD stage 2: the gradient mix (alpha 0 / 1, quadratic closed form, norms), exact restoration, the callback."""
+"""TSBD stage 2: the gradient mix (alpha 0 / 1, quadratic closed form, norms), exact restoration, per-neuron gradient
+clipping, the callback in both modes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ft.backdoor import ActivenessAwareFineTuning, activeness_aware_gradients_
+from lightning_ft.backdoor import (
+    ActivenessAwareFineTuning,
+    activeness_aware_gradients_,
+    clip_neuron_gradients_,
+    find_neuron_layers,
+)
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier, SmallBNCNN
 from tests.helpers.resume import quiet_trainer
@@ -94,7 +100,16 @@ def test_zero_and_missing_gradients_are_safe():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"alpha": 1.5}, "alpha"), ({"r": 0.0}, "`r`"), ({"norm": "l1"}, "norm")]
+    ("kwargs", "match"),
+    [
+        ({"alpha": 1.5}, "alpha"),
+        ({"r": 0.0}, "`r`"),
+        ({"norm": "l1"}, "norm"),
+        ({"mode": "sam"}, "mode"),
+        ({"clip_factor": 0.0}, "clip_factor"),
+        ({"clip_factor": True}, "clip_factor"),
+        ({"layer_types": ("bn",)}, "layer_types"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -134,3 +149,92 @@ def test_gradient_accumulation_is_refused():
     trainer = quiet_trainer(max_epochs=1, callbacks=[ActivenessAwareFineTuning()], accumulate_grad_batches=2)
     with pytest.raises(ValueError, match="accumulate_grad_batches"):
         trainer.fit(ImageClassifier(width=4), digits_loader())
+
+
+def _neuron_norms(layer):
+    squared = layer.per_neuron(layer.weight.grad).pow(2).sum(1)
+    bias = layer.module.bias
+    return (squared + bias.grad.pow(2)).sqrt() if bias is not None else squared.sqrt()
+
+
+@pytest.mark.parametrize("clip_factor", [0.5, 1.0, 2.0])
+def test_clip_caps_each_neuron_at_a_multiple_of_its_layer_median(clip_factor):
+    model, x, y = bn_cnn_batch()
+    plain_grads(model, x, y)
+    layers = find_neuron_layers(model, ("conv", "linear"))
+    norms_before = [_neuron_norms(layer) for layer in layers]
+    rows_before = [layer.per_neuron(layer.weight.grad).clone() for layer in layers]
+    others_before = {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.BatchNorm2d)
+    }
+    clipped = clip_neuron_gradients_(layers, clip_factor)
+    expected_clipped = 0
+    for layer, norms, rows in zip(layers, norms_before, rows_before, strict=True):
+        cap = clip_factor * norms.median()
+        torch.testing.assert_close(_neuron_norms(layer), torch.minimum(norms, cap))
+        expected_clipped += int((norms > cap).sum())
+        # only the scale changes: every neuron's gradient keeps its direction
+        cosine = nn.functional.cosine_similarity(layer.per_neuron(layer.weight.grad), rows, dim=1)
+        assert torch.all(cosine > 1 - 1e-9)
+    assert int(clipped) == expected_clipped > 0
+    assert len(others_before) == 6
+    for name, grad in others_before.items():  # BatchNorm parameters are not neurons: untouched
+        assert torch.equal(model.get_parameter(name).grad, grad), name
+
+
+def test_clip_scales_weight_rows_and_bias_together_in_every_layout():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4)
+    layer.weight.grad = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    layer.bias.grad = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    (found,) = find_neuron_layers(layer, ("linear",), exclude=())
+    clip_neuron_gradients_([found], 1.0)  # norms 5, 1, 1, 2: median (lower) 1
+    torch.testing.assert_close(layer.weight.grad.norm(dim=1), torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(layer.weight.grad[0], torch.tensor([0.6, 0.8, 0.0]))
+
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = Conv1D(4, 3)  # weight (in, out): neurons are columns
+    conv1d.weight.grad = layer.weight.grad.new_tensor(
+        [[3.0, 0.0, 1.0, 0.0], [4.0, 0.0, 0.0, 2.0], [0.0, 1.0, 0.0, 0.0]]
+    )
+    conv1d.bias.grad = torch.zeros(4)
+    (found,) = find_neuron_layers(conv1d, ("hf_conv1d",), exclude=())
+    clip_neuron_gradients_([found], 1.0)
+    torch.testing.assert_close(conv1d.weight.grad.norm(dim=0), torch.ones(4))
+
+
+def test_clip_skips_layers_without_gradient_and_counts_nothing():
+    model = SmallBNCNN(width=4)
+    assert int(clip_neuron_gradients_(find_neuron_layers(model), 1.0)) == 0
+
+
+def test_clip_mode_callback_changes_the_update_with_no_extra_forward():
+    torch.manual_seed(0)
+    plain, clipped = ImageClassifier(width=4, seed=1), ImageClassifier(width=4, seed=1)
+    quiet_trainer(max_epochs=1).fit(plain, digits_loader())
+    forwards = []
+    clipped.model.register_forward_hook(lambda *args: forwards.append(1))
+    callback = ActivenessAwareFineTuning(mode="clip", clip_factor=1.0)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(clipped, digits_loader())
+    assert callback.steps == 4
+    assert len(forwards) == 4, "clip mode must not add forward passes"
+    diff = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), clipped.parameters(), strict=True))
+    assert diff > 1e-4, "clipping must change the update"
+
+
+def test_clip_mode_accepts_gradient_accumulation():
+    callback = ActivenessAwareFineTuning(mode="clip")
+    quiet_trainer(max_epochs=1, callbacks=[callback], accumulate_grad_batches=2).fit(
+        ImageClassifier(width=4), digits_loader()
+    )
+    assert callback.steps == 2
+
+
+def test_clip_mode_without_eligible_layer_fails_at_setup():
+    callback = ActivenessAwareFineTuning(mode="clip", layer_types=("hf_conv1d",))
+    with pytest.raises(ValueError, match="no eligible layer"):
+        quiet_trainer(max_epochs=1, callbacks=[callback]).fit(ImageClassifier(width=4), digits_loader())
