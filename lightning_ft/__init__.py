@@ -12,23 +12,32 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "ActivenessAwareFineTuning": "lightning_ft.backdoor",
+    "AttackSuccessRate": "lightning_ft.backdoor",
+    "NeuronWeightChangeReinit": "lightning_ft.backdoor",
     "MemorisationEarlyStopping": "lightning_ft.memorisation",
     "MemorisationMonitor": "lightning_ft.memorisation",
     "MemorisationScore": "lightning_ft.memorisation",
     "NGramRegularizedLM": "lightning_ft.memorisation",
     "NGramRegularizer": "lightning_ft.memorisation",
+    "tsbd": "lightning_ft.backdoor",
 }
 
 __all__ = [
+    "ActivenessAwareFineTuning",
+    "AttackSuccessRate",
     "MemorisationEarlyStopping",
     "MemorisationMonitor",
     "MemorisationScore",
     "NGramRegularizedLM",
     "NGramRegularizer",
+    "NeuronWeightChangeReinit",
     "__version__",
+    "tsbd",
 ]
 
 if TYPE_CHECKING:
+    from lightning_ft.backdoor import ActivenessAwareFineTuning, AttackSuccessRate, NeuronWeightChangeReinit, tsbd
     from lightning_ft.memorisation import (
         MemorisationEarlyStopping,
         MemorisationMonitor,

@@ -1,5 +1,7 @@
 """Every lightning-ft callback, importable by short name (LightningCLI: ``class_path: MemorisationMonitor``)."""
 
+from lightning_ft.backdoor.activeness import ActivenessAwareFineTuning
+from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit
 from lightning_ft.memorisation.callbacks import MemorisationEarlyStopping, MemorisationMonitor
 
-__all__ = ["MemorisationEarlyStopping", "MemorisationMonitor"]
+__all__ = ["ActivenessAwareFineTuning", "MemorisationEarlyStopping", "MemorisationMonitor", "NeuronWeightChangeReinit"]

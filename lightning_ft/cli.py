@@ -48,6 +48,7 @@ _SHORT_NAME_MODULES = (
     "lightning_ft.demos.models",
     "lightning_ft.demos.text",
     "lightning_ft.demos.digits",
+    "lightning_ft.demos.vision",
 )
 
 

@@ -1,8 +1,10 @@
 """Backdoor defense family (TSBD) and the attacks and metrics to evaluate it.
 
-This first part holds the functional core: BadNets/Blended attacks, all-to-one poisoning, ASR/RA metrics, DER/RIR,
-and TSBD stage 1's neuron-weight-change ranking and zero reinitialisation. The Lightning callbacks
-(``NeuronWeightChangeReinit``, ``ActivenessAwareFineTuning``) come next.
+* Callbacks: :class:`NeuronWeightChangeReinit` (TSBD stage 1), :class:`ActivenessAwareFineTuning` (stage 2, gradient
+  norm penalty or per-neuron gradient clipping), and :func:`tsbd` returning both.
+* Functional core: clean unlearning, neuron-weight changes, selection and zero reinitialisation, the gradient mix and
+  the per-neuron clipping, neuron discovery.
+* Evaluation: BadNets/Blended attacks, all-to-one poisoning, ASR/RA metrics, DER/RIR.
 """
 
 from lightning_ft._internal.neurons import NeuronLayer, find_neuron_layers
@@ -21,6 +23,7 @@ from lightning_ft.backdoor.functional import (
     zero_reinit_,
 )
 from lightning_ft.backdoor.metrics import AttackSuccessRate, RobustAccuracy
+from lightning_ft.backdoor.tsbd import tsbd
 
 __all__ = [
     "ActivenessAwareFineTuning",
@@ -40,5 +43,6 @@ __all__ = [
     "robust_improvement_rating",
     "select_reinit_weights",
     "triggered_test_set",
+    "tsbd",
     "zero_reinit_",
 ]

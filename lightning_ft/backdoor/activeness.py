@@ -170,7 +170,7 @@ class ActivenessAwareFineTuning(Callback):
         eps: numerical floor of the norms.
         mode: ``"penalty"`` or ``"clip"``.
         clip_factor: clip mode's cap, as a multiple of each layer's median neuron gradient norm.
-        layer_types: clip mode's neuron layers, subset of ``("conv", "linear", "hf_conv1d")``.
+        layer_types: clip mode's neuron layers, subset of ``("conv", "linear", "hf_conv1d")`` (default: stage 1's).
         include: clip mode: regexes a layer name must match (empty: all).
         exclude: clip mode: regexes of layer names to skip.
 
@@ -195,9 +195,9 @@ class ActivenessAwareFineTuning(Callback):
         eps: float = 1e-12,
         mode: Mode = "penalty",
         clip_factor: float = 1.0,
-        layer_types: Sequence[str] = ("conv", "linear", "hf_conv1d"),
+        layer_types: Sequence[str] = ("conv",),
         include: Sequence[str] = (),
-        exclude: Sequence[str] = (),
+        exclude: Sequence[str] = ("shortcut", "downsample"),
     ) -> None:
         super().__init__()
         _validate(alpha, r, norm)

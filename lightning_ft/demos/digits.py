@@ -35,6 +35,7 @@ class DigitsDataModule(pl.LightningDataModule):
         train_fraction: fraction of the remaining training samples kept (e.g. 0.05 for a small clean set).
         batch_size: batch size of every loader.
         seed: split seed.
+        shuffle: shuffle the training loader (False: a fixed order, e.g. for exact resume comparisons).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class DigitsDataModule(pl.LightningDataModule):
         train_fraction: float = 1.0,
         batch_size: int = 64,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -55,7 +57,7 @@ class DigitsDataModule(pl.LightningDataModule):
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"`train_fraction` must be in (0, 1], got {train_fraction}.")
         self.save_hyperparameters()
-        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.image_size, self.batch_size, self.seed, self.shuffle = image_size, batch_size, seed, shuffle
         self.val_fraction, self.test_fraction, self.train_fraction = val_fraction, test_fraction, train_fraction
         self.train_dataset: TensorDataset | None = None
 
@@ -72,7 +74,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.test_dataset = TensorDataset(images[test], labels[test])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)  # type: ignore[arg-type]
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=self.shuffle)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=self.batch_size)

@@ -7,7 +7,7 @@ from typing import Any
 from lightning_ft.demos.digits import DigitsDataModule, load_digits_tensors
 from lightning_ft.demos.text import PydocTextDataModule
 
-__all__ = ["digits", "digits_datamodule", "pydoc_datamodule"]
+__all__ = ["digits", "digits_datamodule", "pydoc_datamodule", "small_digits_datamodule"]
 
 
 def pydoc_datamodule(**overrides: Any) -> PydocTextDataModule:
@@ -22,4 +22,11 @@ def digits(image_size: int = 8):
 
 
 def digits_datamodule(**overrides: Any) -> DigitsDataModule:
+    """Digits at 8x8 (or ``image_size``); defaults of :class:`DigitsDataModule` unless overridden."""
     return DigitsDataModule(**overrides)
+
+
+def small_digits_datamodule(**overrides: Any) -> DigitsDataModule:
+    """127 training digits at 8x8, batch 32, no shuffle (exact resume comparisons), 15% validation."""
+    kwargs: dict[str, Any] = {"train_fraction": 0.1, "batch_size": 32, "shuffle": False}
+    return DigitsDataModule(**{**kwargs, **overrides})

@@ -6,8 +6,9 @@ from typing import Any
 
 from lightning_ft.demos.models import CausalLMModule, tiny_causal_lm
 from lightning_ft.demos.text import build_tokenizer
+from lightning_ft.demos.vision import ImageClassifier
 
-__all__ = ["TINY_LM", "tiny_lm", "tiny_lm_module", "tokenizer"]
+__all__ = ["TINY_LM", "tiny_classifier", "tiny_lm", "tiny_lm_module", "tokenizer"]
 
 # 1 layer, width 32: a few ms per step on CPU; vocabulary of the pydoc BPE tokenizer
 TINY_LM: dict[str, Any] = {"vocab_size": 1024, "n_positions": 64, "n_embd": 32, "n_layer": 1, "n_head": 2}
@@ -26,3 +27,8 @@ def tiny_lm_module(**overrides: Any) -> CausalLMModule:
 def tokenizer(vocab_size: int = 1024):
     """The byte-level BPE tokenizer trained locally on CPython's pydoc topics."""
     return build_tokenizer(vocab_size)
+
+
+def tiny_classifier(**overrides: Any) -> ImageClassifier:
+    """A width-4 BN-CNN digits classifier (28 conv neurons), SGD lr 0.05."""
+    return ImageClassifier(**{"width": 4, "lr": 0.05, **overrides})

@@ -14,8 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 import lightning_ft.callbacks as ft_callbacks
-from tests.helpers.data import pydoc_datamodule
-from tests.helpers.models import tiny_lm_module
+from tests.helpers.data import pydoc_datamodule, small_digits_datamodule
+from tests.helpers.models import tiny_classifier, tiny_lm_module
 
 __all__ = ["REGISTRY", "Entry"]
 
@@ -32,6 +32,8 @@ class Entry:
     make_data: Callable[[], pl.LightningDataModule] = pydoc_datamodule
     yaml: str = ""
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # a metric logged alongside this callback and its better direction, for ModelCheckpoint in the composition test
+    monitor: tuple[str, str] = ("mem/ngram", "min")
 
     def make(self) -> pl.Callback:
         return self.cls(**self.kwargs)
@@ -43,5 +45,21 @@ REGISTRY: dict[str, Entry] = {
         ft_callbacks.MemorisationEarlyStopping,
         {**_PROBE, "max_rise": 0.5, "restore_best": True, "verbose": False},
         yaml="memorisation_early_stopping.yaml",
+    ),
+    "NeuronWeightChangeReinit": Entry(
+        ft_callbacks.NeuronWeightChangeReinit,
+        {"neuron_ratio": 0.3, "lr_unlearn": 1e-2, "max_unlearn_epochs": 5, "progress_bar": False},
+        make_module=tiny_classifier,
+        make_data=small_digits_datamodule,
+        yaml="neuron_weight_change_reinit.yaml",
+        monitor=("val_acc", "max"),
+    ),
+    "ActivenessAwareFineTuning": Entry(
+        ft_callbacks.ActivenessAwareFineTuning,
+        {"alpha": 0.7, "r": 0.05},
+        make_module=tiny_classifier,
+        make_data=small_digits_datamodule,
+        yaml="activeness_aware_finetuning.yaml",
+        monitor=("val_acc", "max"),
     ),
 }
