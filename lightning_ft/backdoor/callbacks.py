@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -163,6 +164,7 @@ class NeuronWeightChangeReinit(Callback):
         self.progress_bar = progress_bar
         self.done = False
         self.report: dict[str, Any] = {}
+        self.seconds: float | None = None  # wall time of stage 1 in this process (not checkpointed)
 
     @property
     @override
@@ -191,6 +193,7 @@ class NeuronWeightChangeReinit(Callback):
         # on_train_start rather than on_fit_start: the fit's training dataloader exists from here on
         if self.done:
             return  # resumed after stage 1: never run it twice
+        start = time.perf_counter()
         layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
         payload: dict[str, Any] | None = None
         if trainer.is_global_zero:
@@ -201,7 +204,9 @@ class NeuronWeightChangeReinit(Callback):
         zeroed = zero_reinit_(layers, masks)
         self.done = True
         self.report = {**payload["report"], "zeroed_weights": zeroed}
+        self.seconds = time.perf_counter() - start
         metrics = {f"backdoor/nwc_{k}": float(v) for k, v in self.report.items() if isinstance(v, (int, float))}
+        metrics["backdoor/nwc_seconds"] = self.seconds
         log_scalars(trainer, metrics)
         if payload.get("nwc") is not None:
             log_histogram(trainer, "backdoor/nwc", payload["nwc"])

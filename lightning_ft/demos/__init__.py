@@ -13,6 +13,10 @@ from typing import Any
 __all__ = ["DEMOS", "load_demo"]
 
 DEMOS: dict[str, tuple[str, str]] = {
+    "backdoor": (
+        "backdoor a digits CNN (BadNets), then vanilla fine-tuning vs TSBD stage 1 / penalty / clip on 5% clean data",
+        "lightning_ft.demos.backdoor:main",
+    ),
     "memorisation": (
         "fine-tune a tiny GPT-2 on pydoc text: plain vs n-gram early stopping vs n-gram regulariser vs Goldfish",
         "lightning_ft.demos.memorisation:main",

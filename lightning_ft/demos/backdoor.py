@@ -49,7 +49,7 @@ __all__ = [
     "run",
 ]
 
-KINDS = ("no_defense", "vanilla_ft", "stage1_only", "tsbd_penalty", "tsbd_clip")
+KINDS = ("no_defense", "vanilla_ft", "stage1_only", "stage1_ft", "tsbd_penalty", "tsbd_clip")
 ATTACKS = ("badnets", "blended")
 
 
@@ -199,6 +199,7 @@ def defend(config: BackdoorDemoConfig, setup: BackdoorSetup, kind: str) -> dict[
     if kind == "stage1_only":
         ordered = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=False)
         row["stage1"] = _stage_one(config, module, ordered)
+        row["stage1_seconds"] = time.perf_counter() - start
     elif kind != "no_defense":
         callbacks: list[pl.Callback] = []
         stage1 = NeuronWeightChangeReinit(
@@ -208,15 +209,18 @@ def defend(config: BackdoorDemoConfig, setup: BackdoorSetup, kind: str) -> dict[
             max_unlearn_epochs=config.max_unlearn_epochs,
             progress_bar=False,
         )
-        if kind == "tsbd_penalty":
+        if kind == "stage1_ft":  # the paper's "vanilla FT" ablation of stage 2
+            callbacks = [stage1]
+        elif kind == "tsbd_penalty":
             callbacks = [stage1, ActivenessAwareFineTuning(alpha=config.alpha, r=config.r)]
         elif kind == "tsbd_clip":
             callbacks = [stage1, ActivenessAwareFineTuning(mode="clip", clip_factor=config.clip_factor)]
-        epochs = config.finetune_epochs + (1 if kind.startswith("tsbd") else 0)  # TSBD: range(ft_epoch + 1)
+        epochs = config.finetune_epochs + (0 if kind == "vanilla_ft" else 1)  # TSBD: range(ft_epoch + 1)
         loader = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=True)
         _trainer(epochs, callbacks).fit(module, loader)
         if callbacks:
             row["stage1"] = dict(stage1.report)
+            row["stage1_seconds"] = stage1.seconds
     row["seconds"] = time.perf_counter() - start
     row.update(evaluate(module, setup, config.target))
     return row
