@@ -63,13 +63,14 @@ def bench_effect(seeds: list[int], archs: tuple[str, ...], attacks: tuple[str, .
                 print(f"{arch} {attack} seed {seed}: backdoored acc {before['acc']:.3f} asr {before['asr']:.3f}")
                 for kind in KINDS:
                     row = before if kind == "no_defense" else defend(config, setup, kind)
-                    row = {**row, "attack_seconds": setup.attack_seconds}
+                    row = {**{k: v for k, v in row.items() if k != "nwc"}, "attack_seconds": setup.attack_seconds}
                     runs.append(_with_der(row, before))
                     print(f"  {kind}: acc {row['acc']:.3f} asr {row['asr']:.3f} ra {row['ra']:.3f}", flush=True)
                 if seed == seeds[0] and attack == "badnets":
                     for ratio in sweep:
                         for kind in ("tsbd_penalty", "tsbd_clip"):
                             row = defend(replace(config, neuron_ratio=ratio), setup, kind)
+                            row.pop("nwc", None)
                             sweep_rows.append({**_with_der(row, before), "neuron_ratio": ratio})
                             print(f"  sweep n={ratio} {kind}: acc {row['acc']:.3f} asr {row['asr']:.3f}", flush=True)
     return {"runs": runs, "summary": summarise(runs), "sweep": sweep_rows}

@@ -165,6 +165,7 @@ class NeuronWeightChangeReinit(Callback):
         self.done = False
         self.report: dict[str, Any] = {}
         self.seconds: float | None = None  # wall time of stage 1 in this process (not checkpointed)
+        self.nwc: Tensor | None = None  # every neuron's weight change, in layer order (not checkpointed)
 
     @property
     @override
@@ -209,6 +210,7 @@ class NeuronWeightChangeReinit(Callback):
         metrics["backdoor/nwc_seconds"] = self.seconds
         log_scalars(trainer, metrics)
         if payload.get("nwc") is not None:
+            self.nwc = payload["nwc"]
             log_histogram(trainer, "backdoor/nwc", payload["nwc"])
         rank_zero_info(f"NeuronWeightChangeReinit: {self.report}")
 

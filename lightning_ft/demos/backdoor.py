@@ -40,6 +40,7 @@ __all__ = [
     "KINDS",
     "BackdoorDemoConfig",
     "BackdoorSetup",
+    "StageTracker",
     "defend",
     "evaluate",
     "evaluate_state",
@@ -187,8 +188,33 @@ def _stage_one(config: BackdoorDemoConfig, module: ImageClassifier, loader: Data
     return {"unlearn_epochs": epochs, "stop_rule": rule, "zeroed_weights": zero_reinit_(layers, masks)}
 
 
-def defend(config: BackdoorDemoConfig, setup: BackdoorSetup, kind: str) -> dict[str, Any]:
-    """Run one of :data:`KINDS` from the backdoored weights; returns its metrics, DER and timings."""
+class StageTracker(pl.Callback):
+    """C-ACC and ASR at train start (after stage 1 when placed after the TSBD callbacks) and after every epoch."""
+
+    def __init__(self, setup: BackdoorSetup, target: int = 0) -> None:
+        self.setup, self.target = setup, target
+        self.history: list[dict[str, float]] = []
+
+    def _record(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        self.history.append({"epoch": epoch, **evaluate(pl_module, self.setup, self.target)})  # type: ignore[arg-type]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(pl_module, 0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(pl_module, trainer.current_epoch + 1)
+
+
+def defend(
+    config: BackdoorDemoConfig,
+    setup: BackdoorSetup,
+    kind: str,
+    extra_callbacks: list[pl.Callback] | None = None,
+) -> dict[str, Any]:
+    """Run one of :data:`KINDS` from the backdoored weights; returns its metrics, DER and timings.
+
+    ``extra_callbacks`` (e.g. a :class:`StageTracker`) are added after the defense's callbacks in fine-tuning runs.
+    """
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     pl.seed_everything(config.seed, verbose=False)
@@ -217,10 +243,11 @@ def defend(config: BackdoorDemoConfig, setup: BackdoorSetup, kind: str) -> dict[
             callbacks = [stage1, ActivenessAwareFineTuning(mode="clip", clip_factor=config.clip_factor)]
         epochs = config.finetune_epochs + (0 if kind == "vanilla_ft" else 1)  # TSBD: range(ft_epoch + 1)
         loader = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=True)
-        _trainer(epochs, callbacks).fit(module, loader)
+        _trainer(epochs, [*callbacks, *(extra_callbacks or [])]).fit(module, loader)
         if callbacks:
             row["stage1"] = dict(stage1.report)
             row["stage1_seconds"] = stage1.seconds
+            row["nwc"] = None if stage1.nwc is None else stage1.nwc.tolist()
     row["seconds"] = time.perf_counter() - start
     row.update(evaluate(module, setup, config.target))
     return row
