@@ -3,7 +3,7 @@
 Writes ``benchmarks/results/backdoor.json`` and ``benchmarks/results/backdoor.md`` (the method card's results).
 
 (a) effect: digits at 16x16, BadNets (3x3 patch) and Blended (alpha 0.2, seeded noise pattern), 10% all-to-one
-    poisoning, a BN-CNN and timm's ``test_resnet``, 3 seeds; the defender has 5% of the training split (63 clean
+    poisoning, a BN-CNN and timm's ``test_resnet``, 3 seeds; the defender has 5% of the training split (62 clean
     images). Rows: no defense / vanilla fine-tuning / stage 1 only / stage 1 + vanilla fine-tuning / TSBD penalty /
     TSBD clip, with C-ACC, ASR, RA and DER (mean +- std over seeds);
 (b) a ``neuron_ratio`` sweep (seed 0, BadNets, both models, TSBD penalty and clip);
@@ -197,7 +197,7 @@ def markdown(results: dict) -> str:
             )
     stage1 = [e for e in effect["summary"] if e["kind"] == "tsbd_penalty" and e["stage1_seconds"] is not None]
     if stage1:
-        lines.append("\n**Stage 1 wall time** (clean unlearning of a copy + selection + zeroing, 63 images)\n")
+        lines.append("\n**Stage 1 wall time** (clean unlearning of a copy + selection + zeroing, 62 images)\n")
         lines.append("| model | attack | seconds |")
         lines.append("|---|---|---:|")
         for e in stage1:

@@ -72,6 +72,139 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
             " `benchmarks/memorisation.py` has the sweep and the timings.",
         ),
     ],
+    "backdoor": [
+        (
+            "markdown",
+            "# Backdoor removal with TSBD: neuron-weight-change reinitialisation + activeness-aware fine-tuning\n\n"
+            "**Attack.** scikit-learn's digits are upsampled to 16x16 and split 70/30 into train and test. A BadNets"
+            " 3x3 patch is stamped on 10% of the training images, relabelled to the target class 0, and a small"
+            " BatchNorm CNN (three 3x3 convs, 112 conv neurons) is trained on the poisoned split for 30 epochs.\n\n"
+            "**Defender.** It holds 5% of the training split as clean data (62 images, none poisoned) and fine-tunes"
+            " the backdoored model on it with SGD (lr 0.01, 20 epochs; TSBD runs 21 epochs, the official loop's"
+            " `range(ft_epoch + 1)`). The defenses compared:\n\n"
+            "* `vanilla_ft`: plain fine-tuning on the clean images.\n"
+            "* `stage1_only`: TSBD stage 1 alone (`NeuronWeightChangeReinit`): a *copy* of the model is unlearned on"
+            " the clean data (gradient ascent on cross-entropy, lr_unlearn 1e-3, until clean accuracy collapses); the"
+            " `neuron_ratio` = 0.3 conv neurons whose weights changed most (NWC, L1 over each output channel) are"
+            " selected and, among their weights, the 70% with the largest change are zeroed in the original model.\n"
+            "* `stage1_ft`: stage 1, then plain fine-tuning (the paper's ablation of stage 2).\n"
+            "* `tsbd_penalty`: stage 1, then activeness-aware fine-tuning (`ActivenessAwareFineTuning`,"
+            ' `mode="penalty"`): the gradient-norm penalty, approximated with a second forward/backward pass at a'
+            " perturbed point (alpha 0.7, r 0.05), which damps the updates of highly active (backdoor) neurons.\n"
+            '* `tsbd_clip`: stage 1, then the one-pass variant (`mode="clip"`): each neuron\'s gradient norm is'
+            " capped at its layer's median neuron gradient norm.\n\n"
+            "Metrics, as in BackdoorBench: clean accuracy (C-ACC), attack success rate (ASR) and robust accuracy (RA,"
+            " true label predicted) on the triggered non-target test images, and the defense effectiveness rating"
+            " (DER, 0.5 = no change). Runs on 2 CPU cores in a few minutes.",
+        ),
+        (
+            "code",
+            "import logging\n"
+            "import warnings\n\n"
+            'warnings.filterwarnings("ignore")  # before the imports below (tqdm warns when ipywidgets is missing)\n\n'
+            "import matplotlib.pyplot as plt\n"
+            "import torch\n"
+            "from IPython.display import Markdown\n\n"
+            "from lightning_ft.backdoor import defense_effectiveness_rating, find_neuron_layers\n"
+            "from lightning_ft.demos.backdoor import BackdoorDemoConfig, StageTracker, defend, evaluate_state,"
+            " format_table, prepare\n"
+            "from lightning_ft.demos.vision import ImageClassifier\n\n"
+            'logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)\n'
+            'logging.getLogger("lightning.fabric").setLevel(logging.ERROR)\n'
+            "config = BackdoorDemoConfig()  # badnets, bn_cnn, seed 0, neuron_ratio 0.3\n"
+            "setup = prepare(config)  # trains the backdoored model\n"
+            "before = evaluate_state(config, setup)\n"
+            'print(f"clean images for the defender: {len(setup.clean)};'
+            ' backdoor training: {setup.attack_seconds:.1f} s")\n'
+            "print(f\"backdoored model: C-ACC {before['acc']:.3f}, ASR {before['asr']:.3f}, RA {before['ra']:.3f}\")",
+        ),
+        (
+            "code",
+            'FT_KINDS = ("vanilla_ft", "stage1_ft", "tsbd_penalty", "tsbd_clip")\n'
+            "rows, histories = {}, {}\n"
+            "for kind in FT_KINDS:\n"
+            "    tracker = StageTracker(setup)  # C-ACC and ASR at train start and after every epoch\n"
+            "    rows[kind] = defend(config, setup, kind, extra_callbacks=[tracker])\n"
+            "    histories[kind] = tracker.history\n"
+            'rows["stage1_only"] = defend(config, setup, "stage1_only")\n'
+            "for row in rows.values():\n"
+            '    row["der"] = defense_effectiveness_rating(before["asr"], row["asr"], before["acc"], row["acc"])\n'
+            'order = ["vanilla_ft", "stage1_only", "stage1_ft", "tsbd_penalty", "tsbd_clip"]\n'
+            'Markdown(format_table([{**before, "der": 0.5}, *(rows[kind] for kind in order)]))',
+        ),
+        (
+            "code",
+            "# stage 1 of each TSBD run: unlearning epochs, stop rule, neurons (selected), weights zeroed\n"
+            'for kind in ["stage1_only", "stage1_ft", "tsbd_penalty", "tsbd_clip"]:\n'
+            "    print(f\"{kind:>13}: {rows[kind]['stage1']}\")",
+        ),
+        (
+            "markdown",
+            "## What to look at\n\n"
+            "* **Trajectories.** Epoch 0 of a `vanilla_ft` run is the backdoored model itself; epoch 0 of a TSBD run"
+            " (`stage1_ft`, `tsbd_penalty`, `tsbd_clip`, marked with a circle) is the model *right after stage 1*,"
+            " before any fine-tuning step (the `stage1_only` row of the table). Compare it with the backdoored"
+            " model (dashed lines): zeroing the selected weights damages the backdoor and clean accuracy together."
+            " Fine-tuning then has to restore the accuracy without letting the ASR climb back; compare the TSBD"
+            " runs with `vanilla_ft`, which fine-tunes the intact backdoored model on the same clean images, and"
+            " the stage-2 variants (penalty, clipping) with plain fine-tuning after stage 1 (`stage1_ft`).\n"
+            "* **NWC distribution.** The second figure shows what stage 1 selects on: under clean unlearning a small"
+            " set of neurons moves far more than the rest, and the selection threshold (top 30%) includes that"
+            " tail.",
+        ),
+        (
+            "code",
+            "fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))\n"
+            "for kind, history in histories.items():\n"
+            '    epochs = [h["epoch"] for h in history]\n'
+            '    for ax, key in zip(axes, ["asr", "acc"], strict=True):\n'
+            "        ax.plot(epochs, [h[key] for h in history], label=kind)\n"
+            'for ax, key in zip(axes, ["asr", "acc"], strict=True):  # epoch 0 of a TSBD run: right after stage 1\n'
+            '    stage1 = [histories[kind][0][key] for kind in histories if kind != "vanilla_ft"]  # the same for all\n'
+            '    ax.plot([0] * len(stage1), stage1, "ko", markersize=7, zorder=3, label="after stage 1")\n'
+            'titles = ["attack success rate (triggered non-target test images)", "clean accuracy (test)"]\n'
+            'for ax, key, title in zip(axes, ["asr", "acc"], titles, strict=True):\n'
+            '    ax.axhline(before[key], color="gray", linestyle="--", label="backdoored model")\n'
+            "    ax.set_title(title)\n"
+            '    ax.set_xlabel("fine-tuning epoch (0 = before the first step)")\n'
+            "    ax.set_ylim(-0.03, 1.03)\n"
+            "    ax.legend()\n"
+            "fig.tight_layout()",
+        ),
+        (
+            "markdown",
+            "## Neuron weight changes under clean unlearning\n\n"
+            "Every conv neuron's NWC (L1 norm of its weights' change between the backdoored model and its"
+            " clean-unlearned copy), from the `tsbd_penalty` run's stage 1. The red line is the selection threshold:"
+            " the neurons at or right of it (the top `neuron_ratio` = 30%, ranked over all layers together) have"
+            " their largest-change weights zeroed. The bars are stacked by layer, so the colours show which layers"
+            " the selected neurons come from. The distribution has a long right tail: a small set of neurons"
+            " changes far more than the bulk under clean unlearning, the neurons the paper links to the backdoor;"
+            " with `neuron_ratio` = 0.3 the selection also takes in the upper part of the bulk.",
+        ),
+        (
+            "code",
+            'nwc = torch.tensor(rows["tsbd_penalty"]["nwc"])  # every conv neuron, in layer order\n'
+            "n_top = int(len(nwc) * config.neuron_ratio)\n"
+            "threshold = nwc.sort(descending=True).values[n_top - 1].item()\n"
+            "layers = find_neuron_layers(ImageClassifier(arch=config.arch))  # the convs stage 1 ranks\n"
+            "per_layer = torch.split(nwc, [layer.num_neurons for layer in layers])\n"
+            "fig, ax = plt.subplots(figsize=(8, 4))\n"
+            "ax.hist(\n"
+            "    [values.numpy() for values in per_layer],\n"
+            "    bins=40,\n"
+            "    stacked=True,\n"
+            '    label=[f"{layer.name} ({layer.num_neurons} neurons)" for layer in layers],\n'
+            ")\n"
+            'ax.axvline(threshold, color="red", label=f"threshold: top {n_top} of {len(nwc)} neurons")\n'
+            'ax.set_xlabel("neuron weight change (L1)")\n'
+            'ax.set_ylabel("neurons")\n'
+            'ax.set_title("NWC of every conv neuron under clean unlearning")\n'
+            "ax.legend()\n"
+            "fig.tight_layout()\n"
+            'print(f"NWC: median {nwc.median():.3g}, threshold {threshold:.3g}, max {nwc.max():.3g}")',
+        ),
+    ],
 }
 
 

@@ -1,7 +1,7 @@
 """Effect test on a real small run: TSBD removes a BadNets backdoor that vanilla fine-tuning keeps.
 
 Digits upsampled to 16x16, BadNets 3x3 bottom-right patch, 10% all-to-one poisoning (target 0), a BN-CNN trained 30
-epochs; the defender fine-tunes on 63 clean training images (5%) with SGD 0.01 for 20-21 epochs. The pipeline is the
+epochs; the defender fine-tunes on 62 clean training images (5%) with SGD 0.01 for 20-21 epochs. The pipeline is the
 demo's (``lightning_ft.demos.backdoor``), so the demo and the benchmark are tested by the same run.
 """
 
