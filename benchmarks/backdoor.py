@@ -6,7 +6,7 @@ Writes ``benchmarks/results/backdoor.json`` and ``benchmarks/results/backdoor.md
     poisoning, a BN-CNN and timm's ``test_resnet``, 3 seeds; the defender has 5% of the training split (62 clean
     images). Rows: no defense / vanilla fine-tuning / stage 1 only / stage 1 + vanilla fine-tuning / TSBD penalty /
     TSBD clip, with C-ACC, ASR, RA and DER (mean +- std over seeds);
-(b) a ``neuron_ratio`` sweep (seed 0, BadNets, both models, TSBD penalty and clip);
+(b) a ``neuron_ratio`` sweep (seed 0, both attacks and models, TSBD penalty and clip);
 (c) the per-step time of stage 2 (penalty, clip) against the same Lightning fit without callbacks, on the same model
     and batches, interleaved in one process; stage 1's wall time.
 
@@ -66,7 +66,7 @@ def bench_effect(seeds: list[int], archs: tuple[str, ...], attacks: tuple[str, .
                     row = {**{k: v for k, v in row.items() if k != "nwc"}, "attack_seconds": setup.attack_seconds}
                     runs.append(_with_der(row, before))
                     print(f"  {kind}: acc {row['acc']:.3f} asr {row['asr']:.3f} ra {row['ra']:.3f}", flush=True)
-                if seed == seeds[0] and attack == "badnets":
+                if seed == seeds[0]:
                     for ratio in sweep:
                         for kind in ("tsbd_penalty", "tsbd_clip"):
                             row = defend(replace(config, neuron_ratio=ratio), setup, kind)
@@ -170,21 +170,24 @@ def markdown(results: dict) -> str:
             f" | {_pm(e, 'der')} |"
         )
     if effect["sweep"]:
-        lines.append("\n**`neuron_ratio` sweep** (seed 0, BadNets; C-ACC / ASR)\n")
+        lines.append("\n**`neuron_ratio` sweep** (seed 0; C-ACC / ASR)\n")
         ratios = sorted({r["neuron_ratio"] for r in effect["sweep"]})
-        lines.append("| model | stage 2 | " + " | ".join(f"n = {r}" for r in ratios) + " |")
-        lines.append("|---|---|" + "---:|" * len(ratios))
+        lines.append("| model | attack | stage 2 | " + " | ".join(f"n = {r}" for r in ratios) + " |")
+        lines.append("|---|---|---|" + "---:|" * len(ratios))
         for arch in sorted({r["arch"] for r in effect["sweep"]}):
-            for kind in ("tsbd_penalty", "tsbd_clip"):
-                cells = []
-                for ratio in ratios:
-                    match = [
-                        r
-                        for r in effect["sweep"]
-                        if r["arch"] == arch and r["kind"] == kind and r["neuron_ratio"] == ratio
-                    ]
-                    cells.append(f"{match[0]['acc']:.3f} / {match[0]['asr']:.3f}" if match else "")
-                lines.append(f"| {arch} | {kind.removeprefix('tsbd_')} | " + " | ".join(cells) + " |")
+            for attack in ATTACKS:
+                for kind in ("tsbd_penalty", "tsbd_clip"):
+                    cells = []
+                    for ratio in ratios:
+                        match = [
+                            r
+                            for r in effect["sweep"]
+                            if (r["arch"], r["attack"], r["kind"], r["neuron_ratio"]) == (arch, attack, kind, ratio)
+                        ]
+                        cells.append(f"{match[0]['acc']:.3f} / {match[0]['asr']:.3f}" if match else "")
+                    if any(cells):
+                        name = kind.removeprefix("tsbd_")
+                        lines.append(f"| {arch} | {attack} | {name} | " + " | ".join(cells) + " |")
     if results.get("timing"):
         lines.append("\n**Step time** (median per training step, same model and batches, batch 64 at 16x16)\n")
         lines.append("| model | vanilla (ms) | penalty (ms) | clip (ms) | penalty / vanilla | clip / vanilla |")
@@ -241,7 +244,7 @@ def main() -> None:
     if args.skip_timing:
         results["timing"] = previous.get("timing", [])
     else:
-        results["timing"] = [bench_step_time(arch, epochs=3, rounds=1 if args.quick else 3) for arch in archs]
+        results["timing"] = [bench_step_time(arch, epochs=3, rounds=1 if args.quick else 5) for arch in archs]
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)

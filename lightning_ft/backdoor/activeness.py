@@ -73,35 +73,32 @@ def activeness_aware_gradients_(
     params = [p for p in model.parameters() if p.grad is not None]
     if alpha == 0.0 or not params:
         return
-    g1 = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+    g1 = [p.grad.detach() for p in params]  # type: ignore[union-attr]  # autograd.grad below leaves .grad alone
     saved_params = [p.detach().clone() for p in params]
     saved_buffers = [b.detach().clone() for b in model.buffers()]
     with torch.no_grad():
+        # norms in at least fp32 (bf16 gradients), never below the gradients' own precision
+        norms = torch.stack([n.to(torch.promote_types(n.dtype, torch.float32)) for n in torch._foreach_norm(g1)])
         if norm == "global":
-            # at least fp32 (bf16 gradients), never below the gradients' own precision
-            total = torch.sqrt(sum((g.to(torch.promote_types(g.dtype, torch.float32)) ** 2).sum() for g in g1))  # type: ignore[arg-type]
-            for p, g in zip(params, g1, strict=True):
-                p.add_(g * (r / (total + eps)).to(g.dtype))
-        else:
-            for p, g in zip(params, g1, strict=True):
-                p.add_(g * (r / (g.norm() + eps)))
+            norms = torch.linalg.vector_norm(norms).expand(len(g1))
+        scales = (r / (norms + eps)).unbind()
+        torch._foreach_add_(params, torch._foreach_mul(g1, scales))
     try:
         with torch.enable_grad():
             g2 = torch.autograd.grad(loss_fn(), params, allow_unused=True)
     finally:
         with torch.no_grad():
-            for p, saved in zip(params, saved_params, strict=True):
-                p.copy_(saved)
-            for b, saved in zip(model.buffers(), saved_buffers, strict=True):
-                b.copy_(saved)
+            torch._foreach_copy_(params, saved_params)
+            buffers = list(model.buffers())
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)
     g2 = [torch.zeros_like(g) if h is None else h for g, h in zip(g1, g2, strict=True)]
     if reduce_fn is not None:
         flat = reduce_fn(torch.cat([h.reshape(-1) for h in g2]))
-        g2 = list(torch.split(flat, [h.numel() for h in g2]))
-        g2 = [h.view_as(g) for h, g in zip(g2, g1, strict=True)]
-    with torch.no_grad():
-        for p, a, b in zip(params, g1, g2, strict=True):
-            p.grad.copy_((1 - alpha) * a + alpha * b)  # type: ignore[union-attr]
+        g2 = [h.view_as(g) for h, g in zip(torch.split(flat, [h.numel() for h in g2]), g1, strict=True)]
+    with torch.no_grad():  # p.grad = (1 - alpha) * g1 + alpha * g2, in place
+        torch._foreach_mul_(g1, 1.0 - alpha)
+        torch._foreach_add_(g1, g2, alpha=alpha)
 
 
 def _check_clip_factor(clip_factor: float) -> None:
