@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
-from lightning_ft.demos.backdoor import KINDS, BackdoorDemoConfig, defend, evaluate_state, prepare
+from lightning_ft.demos.backdoor import KINDS, BackdoorDemoConfig, _trainer, defend, evaluate_state, prepare
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
 
@@ -116,41 +117,42 @@ class StepTimer(pl.Callback):
 
 
 def bench_step_time(arch: str, epochs: int, rounds: int) -> dict:
-    """Median step time of plain / penalty / clip fits on the same model and batches, interleaved over rounds."""
+    """Median step time of plain / penalty / clip fits on the same model and batches, interleaved over rounds.
+
+    One thread (less scheduling noise on a shared 2-core machine); the ratio is taken per round and reported as the
+    median with its range over rounds.
+    """
     x, y = load_digits_tensors(16)
     loader = DataLoader(TensorDataset(x[:1280], y[:1280]), batch_size=64, shuffle=False)
-    variants: dict[str, list[pl.Callback]] = {"vanilla": [], "penalty": [], "clip": []}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name in variants:
-            callbacks = {
-                "vanilla": [],
-                "penalty": [ActivenessAwareFineTuning(mode="penalty")],
-                "clip": [ActivenessAwareFineTuning(mode="clip")],
-            }[name]
-            timer = StepTimer()
-            module = ImageClassifier(arch=arch, seed=0)
-            trainer = pl.Trainer(
-                max_epochs=epochs,
-                accelerator="cpu",
-                devices=1,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[*callbacks, timer],
-            )
-            trainer.fit(module, loader)
-            steps_per_epoch = len(loader)
-            times[name].extend(timer.times[steps_per_epoch:])  # the first epoch warms up
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    return {
-        "arch": arch,
-        "median_step_seconds": medians,
-        "ratio_penalty": medians["penalty"] / medians["vanilla"],
-        "ratio_clip": medians["clip"] / medians["vanilla"],
-        "steps_measured": {name: len(values) for name, values in times.items()},
+    variants: dict[str, Callable[[], list[pl.Callback]]] = {
+        "vanilla": list,
+        "penalty": lambda: [ActivenessAwareFineTuning(mode="penalty")],
+        "clip": lambda: [ActivenessAwareFineTuning(mode="clip")],
     }
+    per_round: list[dict[str, float]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            medians = {}
+            for name, make_callbacks in variants.items():
+                timer = StepTimer()
+                _trainer(epochs, [*make_callbacks(), timer]).fit(ImageClassifier(arch=arch, seed=0), loader)
+                medians[name] = statistics.median(timer.times[len(loader) :])  # the first epoch warms up
+            per_round.append(medians)
+    finally:
+        torch.set_num_threads(threads)
+    out: dict[str, Any] = {
+        "arch": arch,
+        "threads": 1,
+        "median_step_seconds": {name: statistics.median(r[name] for r in per_round) for name in variants},
+        "per_round": per_round,
+    }
+    for name in ("penalty", "clip"):
+        ratios = [r[name] / r["vanilla"] for r in per_round]
+        out[f"ratio_{name}"] = statistics.median(ratios)
+        out[f"ratio_{name}_range"] = [min(ratios), max(ratios)]
+    return out
 
 
 def _pm(entry: dict[str, Any], metric: str) -> str:
@@ -189,14 +191,21 @@ def markdown(results: dict) -> str:
                         name = kind.removeprefix("tsbd_")
                         lines.append(f"| {arch} | {attack} | {name} | " + " | ".join(cells) + " |")
     if results.get("timing"):
-        lines.append("\n**Step time** (median per training step, same model and batches, batch 64 at 16x16)\n")
+        rounds = len(results["timing"][0]["per_round"])
+        lines.append(
+            "\n**Step time** (median per training step, same model and batches, batch 64 at 16x16, 1 thread; ratio:"
+            f" median [range] over {rounds} interleaved rounds)\n"
+        )
         lines.append("| model | vanilla (ms) | penalty (ms) | clip (ms) | penalty / vanilla | clip / vanilla |")
         lines.append("|---|---:|---:|---:|---:|---:|")
         for t in results["timing"]:
             m = t["median_step_seconds"]
+            p_lo, p_hi = t["ratio_penalty_range"]
+            c_lo, c_hi = t["ratio_clip_range"]
             lines.append(
                 f"| {t['arch']} | {1e3 * m['vanilla']:.1f} | {1e3 * m['penalty']:.1f} | {1e3 * m['clip']:.1f}"
-                f" | {t['ratio_penalty']:.2f}x | {t['ratio_clip']:.2f}x |"
+                f" | {t['ratio_penalty']:.2f}x [{p_lo:.2f}, {p_hi:.2f}]"
+                f" | {t['ratio_clip']:.2f}x [{c_lo:.2f}, {c_hi:.2f}] |"
             )
     stage1 = [e for e in effect["summary"] if e["kind"] == "tsbd_penalty" and e["stage1_seconds"] is not None]
     if stage1:
@@ -244,7 +253,7 @@ def main() -> None:
     if args.skip_timing:
         results["timing"] = previous.get("timing", [])
     else:
-        results["timing"] = [bench_step_time(arch, epochs=3, rounds=1 if args.quick else 5) for arch in archs]
+        results["timing"] = [bench_step_time(arch, epochs=4, rounds=1 if args.quick else 5) for arch in archs]
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)
