@@ -1,0 +1,34 @@
+"""Rehearsal family: keep pretrained skills while fine-tuning.
+
+This first part holds the shared reference-statistics pass and FLOW easy-sample weighting:
+
+* :class:`ReferenceStatistics`: one no-grad pass of the frozen starting model, per-sample loss and correctness (and
+  per-token NLL for causal LMs) by stable sample id (:class:`WithSampleIds`), DDP-gathered, saved and loaded.
+* FLOW (Sanyal et al., ICML 2025): :class:`FLOWWeighting` (``w = exp(-ref_loss / tau)``, ``tau`` = median) and the
+  :class:`FLOWWeightedLoss` LightningModule mixin; pure functions in :mod:`lightning_ft.rehearsal.functional`.
+
+The collateral-damage (mix-cd) rehearsal sampler and its feedback callback come next.
+"""
+
+from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
+from lightning_ft.rehearsal.functional import (
+    flow_temperature,
+    flow_weighted_loss,
+    flow_weighted_token_loss,
+    flow_weights,
+    sequence_nll,
+)
+from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds, batch_sample_ids
+
+__all__ = [
+    "FLOWWeightedLoss",
+    "FLOWWeighting",
+    "ReferenceStatistics",
+    "WithSampleIds",
+    "batch_sample_ids",
+    "flow_temperature",
+    "flow_weighted_loss",
+    "flow_weighted_token_loss",
+    "flow_weights",
+    "sequence_nll",
+]
