@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "ActivenessAwareFineTuning": "lightning_ft.backdoor",
     "AttackSuccessRate": "lightning_ft.backdoor",
+    "FLOWWeightedLoss": "lightning_ft.rehearsal",
+    "FLOWWeighting": "lightning_ft.rehearsal",
     "NeuronWeightChangeReinit": "lightning_ft.backdoor",
+    "ReferenceStatistics": "lightning_ft.rehearsal",
     "MemorisationEarlyStopping": "lightning_ft.memorisation",
     "MemorisationMonitor": "lightning_ft.memorisation",
     "MemorisationScore": "lightning_ft.memorisation",
@@ -26,12 +29,15 @@ _LAZY = {
 __all__ = [
     "ActivenessAwareFineTuning",
     "AttackSuccessRate",
+    "FLOWWeightedLoss",
+    "FLOWWeighting",
     "MemorisationEarlyStopping",
     "MemorisationMonitor",
     "MemorisationScore",
     "NGramRegularizedLM",
     "NGramRegularizer",
     "NeuronWeightChangeReinit",
+    "ReferenceStatistics",
     "__version__",
     "tsbd",
 ]
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
         NGramRegularizedLM,
         NGramRegularizer,
     )
+    from lightning_ft.rehearsal import FLOWWeightedLoss, FLOWWeighting, ReferenceStatistics
 
 
 def __getattr__(name: str) -> Any:
