@@ -7,7 +7,8 @@ This first part holds the shared reference-statistics pass and FLOW easy-sample 
 * FLOW (Sanyal et al., ICML 2025): :class:`FLOWWeighting` (``w = exp(-ref_loss / tau)``, ``tau`` = median) and the
   :class:`FLOWWeightedLoss` LightningModule mixin; pure functions in :mod:`lightning_ft.rehearsal.functional`.
 
-The collateral-damage (mix-cd) rehearsal sampler and its feedback callback come next.
+* :class:`CollateralDamageSampler`: the mix-cd batch sampler (and its baselines) over fine-tuning data + a rehearsal
+  pool, fed with which rehearsed samples were forgotten. Its feedback callback and data-module wrapper come next.
 """
 
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
@@ -18,9 +19,12 @@ from lightning_ft.rehearsal.functional import (
     flow_weights,
     sequence_nll,
 )
+from lightning_ft.rehearsal.sampler import STRATEGIES, CollateralDamageSampler
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds, batch_sample_ids
 
 __all__ = [
+    "STRATEGIES",
+    "CollateralDamageSampler",
     "FLOWWeightedLoss",
     "FLOWWeighting",
     "ReferenceStatistics",

@@ -1,0 +1,282 @@
+"""Collateral-damage (mix-cd) rehearsal: a batch sampler that mixes pool samples into every fine-tuning batch.
+
+Bai et al. (NAACL Findings 2025) rehearse the pretraining samples that are *collateral damage*: right under the prior
+model, wrong under the model being fine-tuned. Finding them directly needs extra inference, so mix-cd bins the pool
+by the prior model's loss and estimates each bin's collateral-damage rate from the rehearsed samples' own training
+forward passes (fed back through :meth:`CollateralDamageSampler.update`), then draws more from the bins that are
+being forgotten. The estimator, the allocation and the exploration below are our reconstruction (the method section
+and code were not available); see the method card.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from lightning_ft._internal.validation import check_int
+
+__all__ = ["STRATEGIES", "CollateralDamageSampler"]
+
+Strategy = Literal["mixcd", "random", "random_prior_correct", "loss_priority"]
+STRATEGIES: tuple[str, ...] = ("mixcd", "random", "random_prior_correct", "loss_priority")
+
+
+def _unit_interval(name: str, value: float, closed_right: bool = False) -> None:
+    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+        bound = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"`{name}` must be in {bound}, got {value!r}.")
+
+
+class CollateralDamageSampler(Sampler[list[int]]):
+    """Batch sampler over ``ConcatDataset([finetune, pool])``: each batch holds ``batch_size`` fine-tuning indices
+    (this rank's shard) followed by ``replay`` pool indices (offset by ``num_finetune``).
+
+    Strategies:
+
+    * ``"mixcd"``: the pool's prior-correct samples are split into ``num_bins`` quantile bins of reference loss
+      (prior-incorrect samples can never be collateral damage: excluded, or their own bin). Bin ``k`` is drawn with
+      probability ``pi_k = (1 - epsilon) * |B_k| max(alpha_k, alpha_min) / Z + epsilon * |B_k| / M`` and a sample
+      uniformly (with replacement) inside it; ``alpha_k``, the bin's collateral-damage rate, starts at
+      ``alpha_init`` (so early draws are uniform) and follows an exponential moving average (``beta``) of the
+      forgotten share of the bin's rehearsed samples reported to :meth:`update`.
+    * ``"random"``: uniform over the pool. ``"random_prior_correct"``: uniform over prior-correct samples.
+      ``"loss_priority"``: the highest reference losses first, cycling through the pool in that order.
+
+    Under DDP every rank builds the sampler with its ``rank`` and ``world_size`` (set
+    ``Trainer(use_distributed_sampler=False)``): the fine-tuning indices are shuffled identically on every rank
+    (``seed + epoch``) and sharded ``rank::world_size``, replay draws use a per-rank generator, and feeding every
+    rank the same all-gathered updates keeps ``alpha`` (hence ``pi``) identical. ``state_dict`` holds the epoch, the
+    rates, the counts and the generator state, so a sampler restored at an epoch boundary draws the same stream.
+
+    Args:
+        num_finetune: size of the fine-tuning dataset (the first part of the concatenation).
+        pool_loss: reference loss of every pool sample, in pool order.
+        pool_correct: whether the prior model gets each pool sample right, in pool order.
+        batch_size: fine-tuning samples per batch (per rank).
+        replay_ratio: share of each batch taken from the pool, ``r / (b + r)``, in [0, 1).
+        replay_per_step: absolute number of pool samples per batch (overrides ``replay_ratio``).
+        strategy: one of :data:`STRATEGIES`.
+        num_bins: quantile bins of reference loss (mix-cd).
+        exclude_prior_incorrect: never rehearse prior-incorrect samples (mix-cd); False gives them their own bin.
+        epsilon: share of uniform (by bin size) exploration in ``pi``, in [0, 1].
+        alpha_min: floor of the rates in ``pi`` (no bin starves), >= 0.
+        alpha_init: starting rate of every bin, in [0, 1].
+        beta: EMA weight of a new observation, in (0, 1].
+        shuffle: shuffle the fine-tuning indices every epoch.
+        drop_last: drop this rank's last incomplete fine-tuning batch.
+        seed: seed of the shuffles and draws.
+        rank, world_size: this process's place in data parallelism.
+
+    Reference: Bai, Yeh, Hsieh, Taly, "An Efficient Rehearsal Scheme for Catastrophic Forgetting Mitigation during
+    Multi-stage Fine-tuning", Findings of NAACL 2025, arXiv:2402.08096.
+    """
+
+    def __init__(
+        self,
+        num_finetune: int,
+        pool_loss: Sequence[float] | Tensor,
+        pool_correct: Sequence[bool] | Tensor,
+        batch_size: int,
+        replay_ratio: float = 0.25,
+        replay_per_step: int | None = None,
+        strategy: Strategy = "mixcd",
+        num_bins: int = 10,
+        exclude_prior_incorrect: bool = True,
+        epsilon: float = 0.05,
+        alpha_min: float = 0.01,
+        alpha_init: float = 1.0,
+        beta: float = 0.1,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        check_int("num_finetune", num_finetune)
+        check_int("batch_size", batch_size)
+        check_int("num_bins", num_bins)
+        check_int("replay_per_step", replay_per_step, minimum=0, allow_none=True)
+        check_int("world_size", world_size)
+        check_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise ValueError(f"`rank` must be < `world_size` ({world_size}), got {rank}.")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
+        _unit_interval("replay_ratio", replay_ratio)
+        _unit_interval("epsilon", epsilon, closed_right=True)
+        _unit_interval("alpha_init", alpha_init, closed_right=True)
+        if not 0.0 < beta <= 1.0:
+            raise ValueError(f"`beta` must be in (0, 1], got {beta!r}.")
+        if not alpha_min >= 0.0:
+            raise ValueError(f"`alpha_min` must be >= 0, got {alpha_min!r}.")
+        loss = torch.as_tensor(pool_loss, dtype=torch.float32).flatten()
+        correct = torch.as_tensor(pool_correct).bool().flatten()
+        if loss.numel() == 0:
+            raise ValueError("the rehearsal pool is empty: pass at least one pool sample (or use no sampler).")
+        if correct.shape != loss.shape:
+            raise ValueError(f"`pool_correct` has {correct.numel()} entries for {loss.numel()} pool losses.")
+        if not bool(torch.isfinite(loss).all()):
+            raise ValueError("`pool_loss` has NaN or infinite values; drop those samples from the pool.")
+        self.num_finetune, self.batch_size, self.strategy = num_finetune, batch_size, strategy
+        self.replay = (
+            replay_per_step if replay_per_step is not None else round(batch_size * replay_ratio / (1.0 - replay_ratio))
+        )
+        self.epsilon, self.alpha_min, self.beta = float(epsilon), float(alpha_min), float(beta)
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size
+        self.pool_loss, self.pool_correct = loss, correct
+        self._build_bins(num_bins, exclude_prior_incorrect)
+        self.alpha = torch.full((self.num_bins,), float(alpha_init))
+        self.seen = torch.zeros(self.num_bins, dtype=torch.long)  # rehearsed samples reported per bin
+        self.forgot = torch.zeros(self.num_bins, dtype=torch.long)  # ... of which forgotten
+        self.epoch = 0
+        self._cursor = 0  # loss_priority position
+        self._generator = torch.Generator().manual_seed(self._mix(seed, 1_000_003 * (rank + 1)))
+
+    # ----------------------------------------------------------------------------------------------------- bins
+    def _build_bins(self, num_bins: int, exclude_prior_incorrect: bool) -> None:
+        pool = torch.arange(self.pool_loss.numel())
+        eligible = pool[self.pool_correct] if self.strategy != "random" else pool
+        if self.strategy == "mixcd":
+            if eligible.numel() == 0 and exclude_prior_incorrect:
+                raise ValueError("no pool sample is correct under the prior model: mix-cd has nothing to rehearse.")
+            bins = torch.zeros(self.pool_loss.numel(), dtype=torch.long)
+            k = min(num_bins, max(1, eligible.numel()))
+            if eligible.numel():
+                edges = torch.quantile(self.pool_loss[eligible], torch.linspace(0, 1, k + 1)[1:-1])
+                bins[eligible] = torch.bucketize(self.pool_loss[eligible], edges, right=True)
+            members = [eligible]
+            if not exclude_prior_incorrect and bool((~self.pool_correct).any()):
+                bins[~self.pool_correct] = k
+                k += 1
+                members.append(pool[~self.pool_correct])
+            used = torch.cat(members)
+            self.num_bins = k
+        else:
+            if self.strategy == "random_prior_correct" and eligible.numel() == 0:
+                raise ValueError("no pool sample is correct under the prior model: nothing to rehearse.")
+            used = pool if self.strategy in ("random", "loss_priority") else eligible
+            bins = torch.zeros(self.pool_loss.numel(), dtype=torch.long)
+            self.num_bins = 1
+        self.bin_of = bins  # bin of every pool position (meaningful for the positions in `used`)
+        order = used[torch.argsort(bins[used], stable=True)]
+        self._members = order  # pool positions grouped by bin
+        self.bin_sizes = torch.bincount(bins[used], minlength=self.num_bins)
+        self._starts = torch.cumsum(self.bin_sizes, 0) - self.bin_sizes
+        self._priority = torch.argsort(self.pool_loss, descending=True, stable=True)
+
+    def probabilities(self) -> Tensor:
+        """``pi``: the probability of drawing each bin at the next step."""
+        sizes = self.bin_sizes.float()
+        if self.strategy != "mixcd":
+            return sizes / sizes.sum()
+        weighted = sizes * self.alpha.clamp_min(self.alpha_min)
+        greedy = weighted / weighted.sum() if weighted.sum() > 0 else sizes / sizes.sum()
+        return (1.0 - self.epsilon) * greedy + self.epsilon * sizes / sizes.sum()
+
+    def draw(self, count: int | None = None) -> Tensor:
+        """Pool positions of the next ``count`` (default: ``replay``) rehearsal samples."""
+        count = self.replay if count is None else count
+        if count == 0:
+            return torch.zeros(0, dtype=torch.long)
+        if self.strategy == "loss_priority":
+            idx = (self._cursor + torch.arange(count)) % self._priority.numel()
+            self._cursor = int((self._cursor + count) % self._priority.numel())
+            return self._priority[idx]
+        bins = torch.multinomial(self.probabilities(), count, replacement=True, generator=self._generator)
+        offsets = (torch.rand(count, generator=self._generator) * self.bin_sizes[bins]).long()
+        offsets = torch.minimum(offsets, self.bin_sizes[bins] - 1)
+        return self._members[self._starts[bins] + offsets]
+
+    # ------------------------------------------------------------------------------------------------ feedback
+    def update(self, pool_positions: Tensor, forgot: Tensor) -> None:
+        """Record which rehearsed pool samples were forgotten (prior-correct and now wrong) in the training pass.
+
+        Call it with the same (all-gathered) values on every rank. Bins without an observation keep their rate.
+        """
+        pool_positions = torch.as_tensor(pool_positions).long().cpu().flatten()
+        forgot = torch.as_tensor(forgot).bool().cpu().flatten()
+        if pool_positions.shape != forgot.shape:
+            raise ValueError(f"{pool_positions.numel()} pool positions but {forgot.numel()} forgot flags.")
+        if pool_positions.numel() == 0:
+            return
+        if int(pool_positions.min()) < 0 or int(pool_positions.max()) >= self.pool_loss.numel():
+            raise ValueError(f"pool positions must be in [0, {self.pool_loss.numel()}).")
+        bins = self.bin_of[pool_positions]
+        seen = torch.bincount(bins, minlength=self.num_bins)
+        hits = torch.bincount(bins, weights=forgot.float(), minlength=self.num_bins)
+        self.seen += seen
+        self.forgot += hits.long()
+        observed = seen > 0
+        rate = hits[observed] / seen[observed]
+        self.alpha[observed] = (1 - self.beta) * self.alpha[observed] + self.beta * rate
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of all reported rehearsal samples that were collateral damage (forgotten)."""
+        total = int(self.seen.sum())
+        return float(self.forgot.sum()) / total if total else float("nan")
+
+    # ------------------------------------------------------------------------------------------------ sampling
+    @staticmethod
+    def _mix(*values: int) -> int:
+        out = 0
+        for v in values:
+            out = (out * 6364136223846793005 + int(v) + 1442695040888963407) % (2**63)
+        return out
+
+    def _shard(self) -> Tensor:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self._mix(self.seed, self.epoch))
+            order = torch.randperm(self.num_finetune, generator=gen)
+        else:
+            order = torch.arange(self.num_finetune)
+        return order[self.rank :: self.world_size]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch start; the fine-tuning order depends on it."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        shard = len(range(self.rank, self.num_finetune, self.world_size))
+        return shard // self.batch_size if self.drop_last else math.ceil(shard / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = self._shard()
+        for i in range(len(self)):
+            finetune = shard[i * self.batch_size : (i + 1) * self.batch_size]
+            replay = self.draw() + self.num_finetune
+            yield torch.cat([finetune, replay]).tolist()
+
+    def is_replay(self, indices: Tensor) -> Tensor:
+        """Which concatenated-dataset indices come from the pool."""
+        return torch.as_tensor(indices) >= self.num_finetune
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "alpha": self.alpha.clone(),
+            "seen": self.seen.clone(),
+            "forgot": self.forgot.clone(),
+            "cursor": self._cursor,
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["alpha"].shape != self.alpha.shape:
+            raise ValueError(
+                f"the saved sampler has {state['alpha'].numel()} bins, this one {self.alpha.numel()}: build it with"
+                " the same pool and arguments."
+            )
+        self.epoch = int(state["epoch"])
+        self.alpha = state["alpha"].clone().float()
+        self.seen, self.forgot = state["seen"].clone().long(), state["forgot"].clone().long()
+        self._cursor = int(state["cursor"])
+        self._generator.set_state(state["generator"])
