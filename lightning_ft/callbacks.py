@@ -3,5 +3,12 @@
 from lightning_ft.backdoor.activeness import ActivenessAwareFineTuning
 from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit
 from lightning_ft.memorisation.callbacks import MemorisationEarlyStopping, MemorisationMonitor
+from lightning_ft.rehearsal.callbacks import RehearsalFeedback
 
-__all__ = ["ActivenessAwareFineTuning", "MemorisationEarlyStopping", "MemorisationMonitor", "NeuronWeightChangeReinit"]
+__all__ = [
+    "ActivenessAwareFineTuning",
+    "MemorisationEarlyStopping",
+    "MemorisationMonitor",
+    "NeuronWeightChangeReinit",
+    "RehearsalFeedback",
+]

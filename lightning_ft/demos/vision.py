@@ -36,11 +36,27 @@ class SmallBNCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+def mlp(in_features: int = 64, num_classes: int = 10, width: int = 128) -> nn.Module:
+    """``flatten / Linear(in, w) / ReLU / Linear(w, w) / ReLU / Linear(w, classes)``."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, num_classes),
+    )
+
+
 class ImageClassifier(pl.LightningModule):
     """Cross-entropy classifier over ``(image, label)`` batches; SGD with momentum; logs ``train_loss``, ``val_acc``.
 
+    Batches ``(image, label, sample_id)`` (e.g. from a :class:`~lightning_ft.rehearsal.RehearsalDataModule`) make
+    ``training_step`` also return the per-sample outputs :class:`~lightning_ft.rehearsal.RehearsalFeedback` reads.
+
     Args:
-        arch: ``"bn_cnn"`` (:class:`SmallBNCNN`) or a timm model name (built with ``pretrained=False``).
+        arch: ``"bn_cnn"`` (:class:`SmallBNCNN`), ``"mlp"`` (:func:`mlp` on flattened 8x8 images, width ``2 * 64``
+            by default) or a timm model name (built with ``pretrained=False``).
         num_classes: output classes.
         in_channels: image channels.
         width: :class:`SmallBNCNN` width.
@@ -65,6 +81,8 @@ class ImageClassifier(pl.LightningModule):
             torch.manual_seed(seed)
             if arch == "bn_cnn":
                 self.model: nn.Module = SmallBNCNN(in_channels, num_classes, width)
+            elif arch == "mlp":
+                self.model = mlp(in_channels * 64, num_classes, 8 * width)
             else:
                 import timm
 
@@ -74,11 +92,16 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y = batch[0], batch[1]
-        loss = nn.functional.cross_entropy(self(x), y)
+        logits = self(x)
+        losses = nn.functional.cross_entropy(logits, y, reduction="none")
+        loss = losses.mean()
         self.log("train_loss", loss, prog_bar=True)
-        return loss
+        if len(batch) < 3:
+            return loss
+        correct = logits.detach().argmax(-1) == y
+        return {"loss": loss, "per_sample": {"sample_id": batch[2], "correct": correct, "loss": losses.detach()}}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]

@@ -8,9 +8,11 @@ This first part holds the shared reference-statistics pass and FLOW easy-sample 
   :class:`FLOWWeightedLoss` LightningModule mixin; pure functions in :mod:`lightning_ft.rehearsal.functional`.
 
 * :class:`CollateralDamageSampler`: the mix-cd batch sampler (and its baselines) over fine-tuning data + a rehearsal
-  pool, fed with which rehearsed samples were forgotten. Its feedback callback and data-module wrapper come next.
+  pool, fed with which rehearsed samples were forgotten; :class:`RehearsalDataModule` wraps a fine-tuning data module
+  and a pool into it, and :class:`RehearsalFeedback` reports the forgotten samples from ``training_step`` outputs.
 """
 
+from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
 from lightning_ft.rehearsal.functional import (
     flow_temperature,
@@ -28,6 +30,8 @@ __all__ = [
     "FLOWWeightedLoss",
     "FLOWWeighting",
     "ReferenceStatistics",
+    "RehearsalDataModule",
+    "RehearsalFeedback",
     "WithSampleIds",
     "batch_sample_ids",
     "flow_temperature",

@@ -50,8 +50,9 @@ class CollateralDamageSampler(Sampler[list[int]]):
 
     Under DDP every rank builds the sampler with its ``rank`` and ``world_size`` (set
     ``Trainer(use_distributed_sampler=False)``): the fine-tuning indices are shuffled identically on every rank
-    (``seed + epoch``) and sharded ``rank::world_size``, replay draws use a per-rank generator, and feeding every
-    rank the same all-gathered updates keeps ``alpha`` (hence ``pi``) identical. ``state_dict`` holds the epoch, the
+    (``seed + epoch``) and sharded ``rank::world_size``; the replay stream is shared (each rank keeps its slice of
+    every step's draws), and feeding every rank the same all-gathered updates keeps ``alpha`` (hence ``pi``) and the
+    whole sampler state identical across ranks. ``state_dict`` holds the epoch, the
     rates, the counts and the generator state, so a sampler restored at an epoch boundary draws the same stream.
 
     Args:
@@ -137,7 +138,9 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.forgot = torch.zeros(self.num_bins, dtype=torch.long)  # ... of which forgotten
         self.epoch = 0
         self._cursor = 0  # loss_priority position
-        self._generator = torch.Generator().manual_seed(self._mix(seed, 1_000_003 * (rank + 1)))
+        # one stream on every rank: each step draws world_size * replay samples and a rank keeps its own slice, so the
+        # ranks rehearse different samples while their sampler states stay identical
+        self._generator = torch.Generator().manual_seed(self._mix(seed, 1_000_003))
 
     # ----------------------------------------------------------------------------------------------------- bins
     def _build_bins(self, num_bins: int, exclude_prior_incorrect: bool) -> None:
@@ -181,18 +184,24 @@ class CollateralDamageSampler(Sampler[list[int]]):
         return (1.0 - self.epsilon) * greedy + self.epsilon * sizes / sizes.sum()
 
     def draw(self, count: int | None = None) -> Tensor:
-        """Pool positions of the next ``count`` (default: ``replay``) rehearsal samples."""
+        """Pool positions of this rank's next ``count`` (default: ``replay``) rehearsal samples.
+
+        Every rank advances the same stream by ``world_size * count`` draws and keeps its slice.
+        """
         count = self.replay if count is None else count
         if count == 0:
             return torch.zeros(0, dtype=torch.long)
+        total = count * self.world_size
         if self.strategy == "loss_priority":
-            idx = (self._cursor + torch.arange(count)) % self._priority.numel()
-            self._cursor = int((self._cursor + count) % self._priority.numel())
-            return self._priority[idx]
-        bins = torch.multinomial(self.probabilities(), count, replacement=True, generator=self._generator)
-        offsets = (torch.rand(count, generator=self._generator) * self.bin_sizes[bins]).long()
-        offsets = torch.minimum(offsets, self.bin_sizes[bins] - 1)
-        return self._members[self._starts[bins] + offsets]
+            idx = (self._cursor + torch.arange(total)) % self._priority.numel()
+            self._cursor = int((self._cursor + total) % self._priority.numel())
+            drawn = self._priority[idx]
+        else:
+            bins = torch.multinomial(self.probabilities(), total, replacement=True, generator=self._generator)
+            offsets = (torch.rand(total, generator=self._generator) * self.bin_sizes[bins]).long()
+            offsets = torch.minimum(offsets, self.bin_sizes[bins] - 1)
+            drawn = self._members[self._starts[bins] + offsets]
+        return drawn[self.rank * count : (self.rank + 1) * count]
 
     # ------------------------------------------------------------------------------------------------ feedback
     def update(self, pool_positions: Tensor, forgot: Tensor) -> None:

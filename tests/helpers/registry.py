@@ -14,8 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 import lightning_ft.callbacks as ft_callbacks
-from tests.helpers.data import pydoc_datamodule, small_digits_datamodule
-from tests.helpers.models import tiny_classifier, tiny_lm_module
+from tests.helpers.data import pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
+from tests.helpers.models import tiny_classifier, tiny_lm_module, tiny_mlp_classifier
 
 __all__ = ["REGISTRY", "Entry"]
 
@@ -60,6 +60,15 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="activeness_aware_finetuning.yaml",
+        monitor=("val_acc", "max"),
+    ),
+    "RehearsalFeedback": Entry(
+        ft_callbacks.RehearsalFeedback,
+        {"log_every_n_steps": 1},
+        make_module=tiny_mlp_classifier,
+        make_data=rehearsal_datamodule,
+        yaml="rehearsal_feedback.yaml",
+        trainer_kwargs={"use_distributed_sampler": False},
         monitor=("val_acc", "max"),
     ),
 }

@@ -1,0 +1,270 @@
+"""Lightning pieces of the rehearsal family: the data-module wrapper and the feedback callback of mix-cd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from typing_extensions import override
+
+from lightning_ft._internal.logging import log_scalars
+from lightning_ft.rehearsal.sampler import CollateralDamageSampler, Strategy
+from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
+
+__all__ = ["RehearsalDataModule", "RehearsalFeedback"]
+
+
+class RehearsalDataModule(pl.LightningDataModule):
+    """Wraps a fine-tuning data module and a rehearsal pool into mixed batches drawn by a
+    :class:`~lightning_ft.rehearsal.CollateralDamageSampler`.
+
+    The training data is ``ConcatDataset([finetune, pool])`` with sample ids equal to the concatenated index (appended
+    to tuple samples, a ``sample_id`` entry in mapping samples; :class:`WithSampleIds`), so ``training_step`` can
+    return them to :class:`RehearsalFeedback`. Validation, test and predict data come from the wrapped module.
+
+    The pool's reference statistics (the starting model's loss and correctness on it) are computed at the start of
+    the fit from the module being trained, unless given, and saved in checkpoints (a resumed fit reuses them rather
+    than recomputing them from the resumed weights). Under DDP, use ``Trainer(use_distributed_sampler=False)``:
+    the sampler shards the fine-tuning data itself.
+
+    Args:
+        datamodule: the user's fine-tuning data module (its ``train_dataloader`` gives the dataset, batch size and
+            collate function).
+        pool: the rehearsal pool (pretraining samples), in the same sample format.
+        strategy, replay_ratio, replay_per_step, num_bins, exclude_prior_incorrect, epsilon, alpha_min, beta, seed:
+            see :class:`~lightning_ft.rehearsal.CollateralDamageSampler`.
+        pool_statistics: precomputed statistics of the pool keyed by pool position (``WithSampleIds(pool)`` ids);
+            None: computed at setup.
+        task: ``"classification"`` or ``"causal_lm"`` for the statistics pass.
+        statistics_batch_size: batch size of that pass.
+
+    Example::
+
+        data = RehearsalDataModule(task_b_datamodule, pool=task_a_train, replay_ratio=0.1)
+        Trainer(callbacks=[RehearsalFeedback()]).fit(model, data)  # model returns "per_sample" outputs
+    """
+
+    def __init__(
+        self,
+        datamodule: pl.LightningDataModule,
+        pool: Dataset,
+        strategy: Strategy = "mixcd",
+        replay_ratio: float = 0.25,
+        replay_per_step: int | None = None,
+        num_bins: int = 10,
+        exclude_prior_incorrect: bool = True,
+        epsilon: float = 0.05,
+        alpha_min: float = 0.01,
+        beta: float = 0.1,
+        seed: int = 0,
+        pool_statistics: ReferenceStatistics | None = None,
+        task: str = "classification",
+        statistics_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if len(pool) == 0:  # type: ignore[arg-type]
+            raise ValueError("the rehearsal pool is empty: pass the pretraining samples to rehearse.")
+        self.datamodule, self.pool = datamodule, pool
+        self.sampler_kwargs: dict[str, Any] = {
+            "strategy": strategy,
+            "replay_ratio": replay_ratio,
+            "replay_per_step": replay_per_step,
+            "num_bins": num_bins,
+            "exclude_prior_incorrect": exclude_prior_incorrect,
+            "epsilon": epsilon,
+            "alpha_min": alpha_min,
+            "beta": beta,
+            "seed": seed,
+        }
+        self.pool_statistics, self.task, self.statistics_batch_size = pool_statistics, task, statistics_batch_size
+        self.sampler: CollateralDamageSampler | None = None
+        # the wrapped module's own evaluation loaders, bound as they are: Lightning runs a loop only for the loaders
+        # a data module overrides, and sees the wrapped module's (non-)overrides through these
+        self.val_dataloader = datamodule.val_dataloader  # type: ignore[method-assign]
+        self.test_dataloader = datamodule.test_dataloader  # type: ignore[method-assign]
+        self.predict_dataloader = datamodule.predict_dataloader  # type: ignore[method-assign]
+
+    @override
+    def prepare_data(self) -> None:
+        self.datamodule.prepare_data()
+
+    @override
+    def setup(self, stage: str) -> None:
+        self.datamodule.trainer = self.trainer
+        self.datamodule.setup(stage)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # the pool statistics of the *starting* model: a resumed fit must not recompute them from resumed weights
+        if self.pool_statistics is None:
+            return {}
+        return {
+            "pool_loss": self.pool_statistics.loss,
+            "pool_correct": self.pool_statistics.correct,
+            "pool_ids": self.pool_statistics.sample_ids,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "pool_loss" in state_dict:
+            self.pool_statistics = ReferenceStatistics(
+                state_dict["pool_ids"], state_dict["pool_loss"], state_dict["pool_correct"]
+            )
+
+    def _statistics(self, collate_fn: Any) -> ReferenceStatistics:
+        if self.pool_statistics is not None:
+            return self.pool_statistics
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise ValueError("RehearsalDataModule computes the pool statistics from the model being fitted: fit it.")
+        loader = DataLoader(WithSampleIds(self.pool), batch_size=self.statistics_batch_size, collate_fn=collate_fn)
+        self.pool_statistics = ReferenceStatistics.compute(module, loader, task=self.task)  # type: ignore[arg-type]
+        return self.pool_statistics
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        inner = self.datamodule.train_dataloader()
+        if not isinstance(inner, DataLoader) or inner.batch_size is None:
+            raise ValueError(
+                "RehearsalDataModule needs the wrapped module's train_dataloader() to be one DataLoader with a batch"
+                " size (no batch sampler of its own)."
+            )
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:  # type: ignore[union-attr]
+            raise ValueError(
+                "RehearsalDataModule shards the fine-tuning data itself: create the Trainer with"
+                " use_distributed_sampler=False."
+            )
+        finetune = inner.dataset
+        n = len(finetune)  # type: ignore[arg-type]
+        stats = self._statistics(inner.collate_fn)
+        pos = stats.positions(torch.arange(len(self.pool)))  # type: ignore[arg-type]
+        self.sampler = CollateralDamageSampler(
+            n,
+            stats.loss[pos],
+            stats.correct[pos],
+            batch_size=inner.batch_size,
+            drop_last=inner.drop_last,
+            rank=rank,
+            world_size=world_size,
+            **self.sampler_kwargs,
+        )
+        data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(self.pool, offset=n)])
+        return DataLoader(
+            data,
+            batch_sampler=self.sampler,
+            collate_fn=inner.collate_fn,
+            num_workers=inner.num_workers,
+            pin_memory=inner.pin_memory,
+        )
+
+
+class RehearsalFeedback(Callback):
+    """Feeds mix-cd: after every training batch, reports which rehearsed pool samples were forgotten.
+
+    ``training_step`` must return ``{"loss": loss, "per_sample": {"sample_id": ids, "correct": correct,
+    "loss": losses}}`` with one (detached) entry per sample of the batch: ``sample_id`` the ids the
+    :class:`RehearsalDataModule` appends, ``correct`` whether the current model got the sample right (from the logits
+    it already computed: no extra inference), ``loss`` optional. A rehearsed sample is *forgotten* when the starting
+    model got it right and the current one does not. Under DDP the flags are all-gathered, so every rank's sampler
+    holds the same rates.
+
+    Logs ``rehearsal/cd_hit_rate`` (share of this step's rehearsed samples that were forgotten), ``rehearsal/
+    replay_loss`` (their mean loss, when given) every ``log_every_n_steps``, and the per-bin rates
+    ``rehearsal/alpha_<k>`` at epoch ends. The sampler's state (rates, counts, generator) is checkpointed here.
+
+    Args:
+        log_every_n_steps: logging cadence of the per-step values.
+
+    Example::
+
+        def training_step(self, batch, batch_idx):
+            x, y, ids = batch
+            logits = self(x)
+            losses = F.cross_entropy(logits, y, reduction="none")
+            per_sample = {"sample_id": ids, "correct": logits.argmax(-1) == y, "loss": losses.detach()}
+            return {"loss": losses.mean(), "per_sample": per_sample}
+    """
+
+    def __init__(self, log_every_n_steps: int = 10) -> None:
+        super().__init__()
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be an integer >= 1, got {log_every_n_steps!r}.")
+        self.log_every_n_steps = log_every_n_steps
+        self._pending: dict[str, Any] | None = None
+        self._sampler: CollateralDamageSampler | None = None
+
+    def _find_sampler(self, trainer: pl.Trainer) -> CollateralDamageSampler:
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "batch_sampler", None)
+        if not isinstance(sampler, CollateralDamageSampler):
+            raise ValueError(
+                "RehearsalFeedback found no CollateralDamageSampler in the training DataLoader: train on a"
+                " RehearsalDataModule (or a DataLoader with batch_sampler=CollateralDamageSampler(...))."
+            )
+        return sampler
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sampler = self._find_sampler(trainer)
+        if self._pending is not None:  # resumed: restore the rates, counts and generator
+            sampler.load_state_dict(self._pending)
+            self._pending = None
+        sampler.set_epoch(trainer.current_epoch)  # Lightning only sets the epoch on samplers, not batch samplers
+        self._sampler = sampler
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        sampler = self._sampler
+        assert sampler is not None
+        per_sample = outputs.get("per_sample") if isinstance(outputs, dict) else None
+        if not isinstance(per_sample, dict) or "sample_id" not in per_sample or "correct" not in per_sample:
+            raise ValueError(
+                "RehearsalFeedback needs training_step to return {'loss': ..., 'per_sample': {'sample_id': ids,"
+                " 'correct': bool per sample, 'loss': optional per-sample loss}}; got"
+                f" {type(outputs).__name__} {sorted(outputs) if isinstance(outputs, dict) else ''}."
+            )
+        ids = torch.as_tensor(per_sample["sample_id"]).detach().long().flatten()
+        correct = torch.as_tensor(per_sample["correct"]).detach().bool().flatten().to(ids.device)
+        if correct.shape != ids.shape:
+            raise ValueError(f"per_sample 'correct' has {correct.numel()} entries for {ids.numel()} sample ids.")
+        replay = ids >= sampler.num_finetune
+        positions = ids[replay] - sampler.num_finetune
+        forgot = sampler.pool_correct.to(ids.device)[positions] & ~correct[replay]
+        losses: Tensor | None = None
+        if per_sample.get("loss") is not None:
+            losses = torch.as_tensor(per_sample["loss"]).detach().float().flatten().to(ids.device)[replay]
+        if trainer.world_size > 1:  # every rank rehearses the same number of samples: an even all-gather
+            positions = trainer.strategy.all_gather(positions).flatten()
+            forgot = trainer.strategy.all_gather(forgot).flatten()
+            if losses is not None:
+                losses = trainer.strategy.all_gather(losses).flatten()
+        sampler.update(positions, forgot)
+        if trainer.global_step % self.log_every_n_steps == 0 and positions.numel():
+            metrics = {"rehearsal/cd_hit_rate": float(forgot.float().mean())}
+            if losses is not None:
+                metrics["rehearsal/replay_loss"] = float(losses.mean())
+            log_scalars(trainer, metrics)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sampler is not None and self._sampler.strategy == "mixcd":
+            alphas = {f"rehearsal/alpha_{k}": float(a) for k, a in enumerate(self._sampler.alpha)}
+            log_scalars(trainer, {**alphas, "rehearsal/cd_hit_rate_total": self._sampler.hit_rate})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._sampler is not None:
+            return {"sampler": self._sampler.state_dict()}
+        return {"sampler": self._pending}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("sampler")
