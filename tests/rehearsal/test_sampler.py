@@ -212,3 +212,15 @@ def test_bookkeeping_fuzz(pool, n, batch, world, replay, seed):
         assert sampler.seen.sum().item() == before + 7 and sampler.forgot.sum().item() == before + 7
         assert bool(((sampler.alpha >= 0) & (sampler.alpha <= 1)).all())
     assert sorted(seen_ft) == list(range(n))
+
+
+def test_ranks_rehearse_different_samples_with_identical_state(pool):
+    samplers = [make(pool, rank=rank, world_size=2) for rank in range(2)]
+    draws = [s.draw() for s in samplers]
+    assert not torch.equal(draws[0], draws[1])
+    gathered = torch.cat(draws)
+    for s in samplers:  # every rank gets the all-gathered feedback
+        s.update(gathered, torch.arange(gathered.numel()) % 3 == 0)
+    a, b = (s.state_dict() for s in samplers)
+    assert torch.equal(a["alpha"], b["alpha"]) and torch.equal(a["generator"], b["generator"])
+    assert torch.equal(samplers[0].probabilities(), samplers[1].probabilities())
