@@ -17,6 +17,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "backdoor a digits CNN (BadNets), then vanilla fine-tuning vs TSBD stage 1 / penalty / clip on 5% clean data",
         "lightning_ft.demos.backdoor:main",
     ),
+    "rehearsal": (
+        "fine-tune a digits MLP on a shifted task: no rehearsal vs FLOW vs random / loss-priority / mix-cd rehearsal",
+        "lightning_ft.demos.rehearsal:main",
+    ),
     "memorisation": (
         "fine-tune a tiny GPT-2 on pydoc text: plain vs n-gram early stopping vs n-gram regulariser vs Goldfish",
         "lightning_ft.demos.memorisation:main",
