@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import StepTimer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
@@ -100,20 +101,6 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["seconds"] = statistics.fmean(r["seconds"] for r in rows)
         out.append(entry)
     return out
-
-
-class StepTimer(pl.Callback):
-    """Wall time of each training step (forward, backward, stage-2 hook, optimizer step)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        self.times.append(time.perf_counter() - self._start)
 
 
 def bench_step_time(arch: str, epochs: int, rounds: int) -> dict:

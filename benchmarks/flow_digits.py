@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import paired_ci
 from torch import Tensor, nn
 
 from lightning_ft.demos.digits import load_digits_tensors
@@ -26,7 +27,6 @@ from lightning_ft.rehearsal import flow_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("plain", "flow", "flow_mean1")
-T95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26, 12: 2.20, 16: 2.13}
 
 
 def mlp(seed: int) -> nn.Module:
@@ -85,12 +85,11 @@ def run(shift: int, seeds: int) -> dict:
         entry = {}
         for metric in ("a", "b"):
             values = [r[variant][metric] for r in rows]
-            diffs = [r[variant][metric] - r["plain"][metric] for r in rows]
-            half = T95.get(len(diffs), 2.0) * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+            mean, low, high = paired_ci([r[variant][metric] - r["plain"][metric] for r in rows])
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            entry[f"{metric}_diff"] = statistics.fmean(diffs)
-            entry[f"{metric}_diff_ci"] = [entry[f"{metric}_diff"] - half, entry[f"{metric}_diff"] + half]
+            entry[f"{metric}_diff"] = mean
+            entry[f"{metric}_diff_ci"] = [low, high]
         summary[variant] = entry
     return {
         "shift": shift,

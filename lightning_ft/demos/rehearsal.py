@@ -28,9 +28,25 @@ from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedb
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 
-__all__ = ["KINDS", "FLOWClassifier", "RehearsalDemoConfig", "finetune", "format_table", "main", "pretrain"]
+__all__ = [
+    "KINDS",
+    "STRATEGY_OF",
+    "FLOWClassifier",
+    "RehearsalDemoConfig",
+    "finetune",
+    "format_table",
+    "main",
+    "pretrain",
+]
 
-KINDS = ("no_rehearsal", "flow", "random", "random_prior_correct", "loss_priority", "mixcd")
+KINDS = ("no_rehearsal", "flow", "random", "random_prior_correct", "loss_priority", "mixcd", "flow_mixcd")
+STRATEGY_OF = {
+    "random": "random",
+    "random_prior_correct": "random_prior_correct",
+    "loss_priority": "loss_priority",
+    "mixcd": "mixcd",
+    "flow_mixcd": "mixcd",
+}
 
 
 @dataclass
@@ -55,13 +71,30 @@ class RehearsalDemoConfig:
 
 
 class FLOWClassifier(FLOWWeightedLoss, ImageClassifier):
-    """:class:`ImageClassifier` whose training loss on ``(x, y, sample_id)`` batches is FLOW-weighted."""
+    """:class:`ImageClassifier` whose training loss on ``(x, y, sample_id)`` batches is FLOW-weighted.
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    With ``num_finetune`` set (FLOW + rehearsal), samples with ids from ``num_finetune`` on are rehearsed pool samples:
+    they keep weight 1, and the per-sample outputs for :class:`~lightning_ft.rehearsal.RehearsalFeedback` are returned.
+    """
+
+    num_finetune: int | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y, ids = batch
-        loss = self.flow_loss(F.cross_entropy(self(x), y, reduction="none"), ids)
+        logits = self(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        if self.num_finetune is None:
+            loss = self.flow_loss(losses, ids)
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+        finetune = ids < self.num_finetune
+        assert self.flow_weighting is not None
+        weights = torch.ones_like(losses)
+        weights[finetune] = self.flow_weighting.weights_for(ids[finetune]).to(losses.dtype)
+        loss = (weights * losses).mean()
         self.log("train_loss", loss, prog_bar=True)
-        return loss
+        per_sample = {"sample_id": ids, "correct": logits.detach().argmax(-1) == y, "loss": losses.detach()}
+        return {"loss": loss, "per_sample": per_sample}
 
 
 def _trainer(epochs: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
@@ -116,28 +149,30 @@ def finetune(config: RehearsalDemoConfig, data: dict[str, Any], state: dict[str,
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     pl.seed_everything(config.seed, verbose=False)
-    cls = FLOWClassifier if kind == "flow" else ImageClassifier
-    module = cls(arch="mlp", lr=config.lr, seed=config.seed)
+    flow = kind.startswith("flow")
+    module = (FLOWClassifier if flow else ImageClassifier)(arch="mlp", lr=config.lr, seed=config.seed)
     module.load_state_dict(state)
     row: dict[str, Any] = {"kind": kind, "seed": config.seed}
     start = time.perf_counter()
-    if kind == "flow":
+    if flow:
+        assert isinstance(module, FLOWClassifier)
         task_b = WithSampleIds(data["task_b"])
-        stats = ReferenceStatistics.compute(module, DataLoader(task_b, batch_size=256))
-        module.flow_weighting = FLOWWeighting(stats)
-        _trainer(config.finetune_epochs).fit(module, DataLoader(task_b, batch_size=config.batch_size, shuffle=True))
+        module.flow_weighting = FLOWWeighting(ReferenceStatistics.compute(module, DataLoader(task_b, batch_size=256)))
         row["tau"] = module.flow_weighting.tau
+    inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=config.batch_size)
+    if kind == "flow":
+        _trainer(config.finetune_epochs).fit(module, DataLoader(task_b, batch_size=config.batch_size, shuffle=True))
+    elif kind == "no_rehearsal":
+        _trainer(config.finetune_epochs).fit(module, inner)
     else:
-        inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=config.batch_size)
-        if kind == "no_rehearsal":
-            _trainer(config.finetune_epochs).fit(module, inner)
-        else:
-            mixed = RehearsalDataModule(
-                inner, data["task_a"], strategy=kind, replay_per_step=config.replay_per_step, seed=config.seed
-            )
-            _trainer(config.finetune_epochs, [RehearsalFeedback()]).fit(module, mixed)
-            assert mixed.sampler is not None
-            row["cd_hit_rate"] = mixed.sampler.hit_rate
+        if isinstance(module, FLOWClassifier):
+            module.num_finetune = len(data["task_b"])
+        mixed = RehearsalDataModule(
+            inner, data["task_a"], strategy=STRATEGY_OF[kind], replay_per_step=config.replay_per_step, seed=config.seed
+        )
+        _trainer(config.finetune_epochs, [RehearsalFeedback()]).fit(module, mixed)
+        assert mixed.sampler is not None
+        row["cd_hit_rate"] = mixed.sampler.hit_rate
     row["seconds"] = time.perf_counter() - start
     row["task_a"] = _accuracy(module, *data["test_a"])
     row["task_b"] = _accuracy(module, *data["test_b"])
