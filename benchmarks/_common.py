@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,3 +35,12 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         self.times.append(time.perf_counter() - self._start)
+
+
+def write_into_card(card: Path, table: str) -> None:
+    """Replace a method card's results section (between the ``results:start`` / ``results:end`` markers)."""
+    text = card.read_text()
+    start = text.index("<!-- results:start")
+    start = text.index("-->", start) + len("-->")
+    end = text.index("<!-- results:end -->")
+    card.write_text(text[:start] + "\n" + table + "\n" + text[end:])

@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer
+from _common import StepTimer, write_into_card
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
@@ -205,15 +205,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_into_card(table: str) -> None:
-    """Replace the method card's results section (between the ``results:start`` / ``results:end`` markers)."""
-    text = CARD.read_text()
-    start = text.index("<!-- results:start")
-    start = text.index("-->", start) + len("-->")
-    end = text.index("<!-- results:end -->")
-    CARD.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, BadNets, BN-CNN; no card update")
@@ -247,7 +238,7 @@ def main() -> None:
     print(table)
     if not args.quick:
         (RESULTS / "backdoor.md").write_text(table + "\n")
-        write_into_card(table)
+        write_into_card(CARD, table)
 
 
 if __name__ == "__main__":

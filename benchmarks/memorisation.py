@@ -28,6 +28,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from _common import write_into_card
 from torch.utils.data import DataLoader
 
 from lightning_ft.demos.memorisation import MemorisationDemoConfig, _trainer, finetune, pretrained_base
@@ -306,17 +307,8 @@ def main() -> None:
     out_json.write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (RESULTS / "memorisation.md").write_text(table)
-    write_into_card(table)
+    write_into_card(CARD, table)
     print(table)
-
-
-def write_into_card(table: str) -> None:
-    """Replace the method card's results section (between the ``results:start`` / ``results:end`` markers)."""
-    text = CARD.read_text()
-    start = text.index("<!-- results:start")
-    start = text.index("-->", start) + 3
-    end = text.index("<!-- results:end -->")
-    CARD.write_text(text[:start] + "\n" + table + text[end:])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, paired_ci
+from _common import StepTimer, paired_ci, write_into_card
 
 from lightning_ft.demos.rehearsal import RehearsalDemoConfig, _data, _trainer, finetune, pretrain
 from lightning_ft.demos.vision import ImageClassifier
@@ -150,14 +150,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_into_card(table: str) -> None:
-    text = CARD.read_text()
-    start = text.index("<!-- results:start")
-    start = text.index("-->", start) + len("-->")
-    end = text.index("<!-- results:end -->")
-    CARD.write_text(text[:start] + "\n" + table + "\n" + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
@@ -175,7 +167,7 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)
     (RESULTS / "rehearsal.md").write_text(table + "\n")
-    write_into_card(table)
+    write_into_card(CARD, table)
     print(table)
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +30,8 @@ from lightning_ft.backdoor.functional import (
     select_reinit_weights,
     zero_reinit_,
 )
+from lightning_ft.demos._common import cpu_trainer as _trainer
+from lightning_ft.demos._common import prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
 
@@ -102,20 +102,6 @@ class BackdoorSetup:
     clean: TensorDataset
     backdoored_state: dict[str, Tensor]
     attack_seconds: float
-
-
-def _trainer(epochs: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks or [],
-    )
 
 
 def _stack(dataset: Any) -> tuple[Tensor, Tensor]:
@@ -289,12 +275,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(fast: bool = False, json_path: str | None = None) -> list[dict[str, Any]]:
     """Backdoor a digits classifier, run every defense of :data:`KINDS` and print the table (``fast``: shorter)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):  # keep the demo's output to its own table
-        logging.getLogger(name).setLevel(logging.WARNING)
+    prepare_demo_process()
     config = BackdoorDemoConfig()
     if fast:
         config.attack_epochs, config.finetune_epochs = 3, 2
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     _, rows = run(config)
     print()
     print(format_table(rows))

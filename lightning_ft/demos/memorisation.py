@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -19,6 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_ft.demos._common import cpu_trainer as _trainer
+from lightning_ft.demos._common import prepare_demo_process
 from lightning_ft.demos.models import CausalLMModule, GoldfishCausalLMModule, RegularizedCausalLMModule
 from lightning_ft.demos.text import PydocTextDataModule
 from lightning_ft.memorisation.callbacks import MemorisationEarlyStopping, MemorisationMonitor
@@ -68,21 +69,6 @@ class MemorisationDemoConfig:
 def cache_dir() -> Path:
     """Where the pre-trained base is cached: ``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``."""
     return Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft"))
-
-
-def _trainer(epochs: int, callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:
-    defaults: dict[str, Any] = {
-        "max_epochs": epochs,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks or [], **defaults)
 
 
 def pretrained_base(config: MemorisationDemoConfig, verbose: bool = True) -> dict[str, torch.Tensor]:
@@ -217,12 +203,10 @@ def format_table(results: list[FinetuneResult]) -> str:
 
 def main(fast: bool = False, json_path: str | None = None) -> list[FinetuneResult]:
     """Run the fine-tunings of :data:`KINDS` and print the table (``fast``: fewer epochs, for smoke tests)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):  # keep the demo's output to its own table
-        logging.getLogger(name).setLevel(logging.WARNING)
+    prepare_demo_process()
     config = MemorisationDemoConfig()
     if fast:
         config.epochs, config.pretrain_epochs = 4, 1
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     base = pretrained_base(config)
     results = []
     for kind in KINDS:

@@ -9,10 +9,9 @@ task-A samples into every batch (mix-cd or a baseline strategy). Reported: task-
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_ft.demos._common import cpu_trainer, prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
 from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
@@ -97,19 +97,8 @@ class FLOWClassifier(FLOWWeightedLoss, ImageClassifier):
         return {"loss": loss, "per_sample": per_sample}
 
 
-def _trainer(epochs: int, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        callbacks=callbacks or [],
-    )
+# the rehearsal sampler shards the fine-tuning data itself
+_trainer = partial(cpu_trainer, use_distributed_sampler=False)
 
 
 @torch.no_grad()
@@ -194,12 +183,10 @@ def format_table(rows: list[dict[str, Any]], before: float) -> str:
 
 def main(fast: bool = False, json_path: str | None = None) -> list[dict[str, Any]]:
     """Run every kind of :data:`KINDS` for one seed and print the table (``fast``: fewer epochs)."""
-    for name in ("lightning.pytorch", "lightning.fabric"):  # keep the demo's output to its own table
-        logging.getLogger(name).setLevel(logging.WARNING)
+    prepare_demo_process()
     config = RehearsalDemoConfig()
     if fast:
         config.pretrain_epochs, config.finetune_epochs = 3, 2
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     data = _data(config)
     print(f"training task A ({config.pretrain_epochs} epochs) ...", flush=True)
     state = pretrain(config, data)
