@@ -39,11 +39,14 @@ def sequence_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tu
 
 
 def flow_temperature(ref_loss: Tensor) -> float:
-    """FLOW's default temperature: the median of the finite reference losses (official code: ``np.median``)."""
-    finite = ref_loss[torch.isfinite(ref_loss)]
+    """FLOW's default temperature: the median of the finite reference losses, the mean of the two middle values for
+    an even count (as the official code's ``np.median``)."""
+    finite = ref_loss[torch.isfinite(ref_loss)].float().flatten()
     if finite.numel() == 0:
         raise ValueError("no finite reference loss: cannot set FLOW's temperature (median); pass `tau` explicitly.")
-    tau = float(finite.float().median())
+    values = finite.sort().values
+    k = values.numel()
+    tau = float((values[(k - 1) // 2] + values[k // 2]) / 2)
     if not tau > 0:
         raise ValueError(
             f"the median reference loss is {tau}: FLOW's temperature must be > 0 (the pre-trained model already fits"

@@ -116,8 +116,8 @@ class ReferenceStatistics:
     token_nll: Tensor | None = None
 
     def __post_init__(self) -> None:
-        n = self.sample_ids.shape[0]
-        if self.sample_ids.dim() != 1 or self.loss.shape != (n,) or self.correct.shape != (n,):
+        n = self.sample_ids.shape[0] if self.sample_ids.dim() == 1 else -1
+        if n < 0 or self.loss.shape != (n,) or self.correct.shape != (n,):
             raise ValueError(
                 f"sample_ids {tuple(self.sample_ids.shape)}, loss {tuple(self.loss.shape)} and correct"
                 f" {tuple(self.correct.shape)} must all be (N,)."

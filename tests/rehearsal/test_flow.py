@@ -393,3 +393,9 @@ def test_flow_token_loss_without_weighting_is_the_plain_token_mean():
     mixin.flow_weighting = flow
     manual = (math.exp(-1.0) * 4.0 + math.exp(-3.0) * 6.0) / 4
     assert mixin.flow_token_loss(token_nll, mask, torch.tensor([0, 1])).item() == pytest.approx(manual, rel=1e-6)
+
+
+def test_even_count_median_averages_the_two_middle_values_like_numpy():
+    losses = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    assert flow_temperature(losses) == pytest.approx(2.5)
+    assert flow_temperature(torch.tensor([4.0, float("nan"), 1.0, 3.0])) == pytest.approx(3.0)

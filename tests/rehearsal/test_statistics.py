@@ -409,3 +409,8 @@ def test_ddp_ranks_return_identical_statistics_equal_to_one_process(tmp_path):
     got = torch.tensor(r0["lm"]["token_nll"])
     torch.testing.assert_close(got, single["lm"].token_nll, rtol=1e-5, atol=1e-6, equal_nan=True)
     assert any(math.isnan(v) for v in r0["lm"]["loss"])  # the NaN sample travelled through the gather
+
+
+def test_zero_dimensional_ids_are_a_clear_error():
+    with pytest.raises(ValueError, match="must all be"):
+        ReferenceStatistics(torch.tensor(3), torch.tensor([0.1]), torch.tensor([True]))
