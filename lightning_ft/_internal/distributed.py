@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_uneven", "shard_indices"]
+__all__ = ["all_gather_rows", "gather_uneven", "shard_indices"]
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
@@ -31,3 +31,18 @@ def gather_uneven(values: torch.Tensor, n_total: int, world_size: int) -> torch.
         idx = shard_indices(n_total, rank, world_size)
         out[idx] = chunk[: idx.numel()]
     return out
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order (row counts may differ); unchanged without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = int(max(int(c) for c in counts))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)])

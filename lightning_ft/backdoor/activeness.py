@@ -25,8 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_ft._internal.batches import inputs_and_labels
 from lightning_ft._internal.neurons import LAYER_TYPES, NeuronLayer, find_neuron_layers
-from lightning_ft.backdoor.callbacks import _xy
 
 __all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_", "clip_neuron_gradients_"]
 
@@ -244,7 +244,7 @@ class ActivenessAwareFineTuning(Callback):
 
     def compute_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         """The loss of the perturbed pass (default: cross-entropy on an ``(x, y)`` batch)."""
-        x, y = _xy(batch)
+        x, y = inputs_and_labels(batch)
         return nn.functional.cross_entropy(pl_module(x), y)
 
     @override

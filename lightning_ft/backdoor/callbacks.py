@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_ft._internal.batches import inputs_and_labels
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import LAYER_TYPES, find_neuron_layers
@@ -24,26 +25,13 @@ from lightning_ft.backdoor.functional import neuron_weight_changes, select_reini
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
 
 
-def _xy(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for x_key, y_key in (("image", "label"), ("pixel_values", "labels"), ("x", "y")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-    raise ValueError(
-        "clean batches must be (inputs, labels) tuples or dicts with image/label, pixel_values/labels or x/y keys;"
-        f" got {type(batch).__name__}."
-    )
-
-
 @torch.no_grad()
 def _accuracy_and_classes(model: nn.Module, loader: Iterable[Any], device: torch.device) -> tuple[float, int]:
     """Eval-mode accuracy over ``loader`` and the number of distinct predicted classes."""
     correct, total, seen = 0, 0, torch.zeros(0, dtype=torch.long)
     with eval_mode(model):
         for batch in loader:
-            x, y = _xy(batch)
+            x, y = inputs_and_labels(batch)
             pred = model(x.to(device)).argmax(-1).cpu()
             correct += int((pred == y.cpu()).sum())
             total += int(y.numel())
@@ -77,7 +65,7 @@ def clean_unlearning(
     for epoch in epochs:
         model.train()
         for batch in loader:
-            x, y = _xy(batch)
+            x, y = inputs_and_labels(batch)
             loss = -nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -198,7 +186,7 @@ class NeuronWeightChangeReinit(Callback):
         layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
         payload: dict[str, Any] | None = None
         if trainer.is_global_zero:
-            payload = self._select(trainer, pl_module, layers)
+            payload = self._select(self._clean_loader(trainer), pl_module, layers)
         payload = trainer.strategy.broadcast(payload, src=0)
         assert payload is not None
         masks = {k: v.to(pl_module.device) for k, v in payload["masks"].items()}
@@ -214,8 +202,18 @@ class NeuronWeightChangeReinit(Callback):
             log_histogram(trainer, "backdoor/nwc", payload["nwc"])
         rank_zero_info(f"NeuronWeightChangeReinit: {self.report}")
 
-    def _select(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: list) -> dict[str, Any]:
-        loader = self._clean_loader(trainer)
+    def apply(self, model: nn.Module, dataloader: Iterable[Any]) -> dict[str, Any]:
+        """Stage 1 on ``model`` in this process, without a Trainer (no fine-tuning afterwards); returns the report.
+
+        The same unlearning, selection and in-place zeroing as in a fit, e.g. to inspect stage 1 alone.
+        """
+        layers = find_neuron_layers(model, self.layer_types, self.include, self.exclude)
+        payload = self._select(dataloader, model, layers)
+        self.report = {**payload["report"], "zeroed_weights": zero_reinit_(layers, payload["masks"])}
+        self.nwc = payload["nwc"]
+        return dict(self.report)
+
+    def _select(self, loader: Iterable[Any], pl_module: nn.Module, layers: list) -> dict[str, Any]:
         unlearned = copy.deepcopy(pl_module)  # the user's model is untouched until the selection succeeded
         with torch.enable_grad(), torch.inference_mode(False):
             epochs, rule = clean_unlearning(

@@ -20,15 +20,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ft._internal.neurons import find_neuron_layers
 from lightning_ft.backdoor.activeness import ActivenessAwareFineTuning
 from lightning_ft.backdoor.attacks import BadNets, Blended, PoisonedDataset, triggered_test_set
-from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit, clean_unlearning
+from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit
 from lightning_ft.backdoor.functional import (
     defense_effectiveness_rating,
-    neuron_weight_changes,
-    select_reinit_weights,
-    zero_reinit_,
 )
 from lightning_ft.demos._common import cpu_trainer as _trainer
 from lightning_ft.demos._common import prepare_demo_process
@@ -163,15 +159,14 @@ def evaluate(module: ImageClassifier, setup: BackdoorSetup, target: int = 0) -> 
     }
 
 
-def _stage_one(config: BackdoorDemoConfig, module: ImageClassifier, loader: DataLoader) -> dict[str, Any]:
-    """TSBD stage 1 with the functional core only (no fine-tuning afterwards)."""
-    layers = find_neuron_layers(module)
-    unlearned = copy.deepcopy(module)
-    epochs, rule = clean_unlearning(unlearned, loader, lr=config.lr_unlearn, max_epochs=config.max_unlearn_epochs)
-    masks, _ = select_reinit_weights(
-        neuron_weight_changes(module, unlearned, layers), config.neuron_ratio, config.subweight_ratio
+def _stage_one(config: BackdoorDemoConfig) -> NeuronWeightChangeReinit:
+    return NeuronWeightChangeReinit(
+        neuron_ratio=config.neuron_ratio,
+        subweight_ratio=config.subweight_ratio,
+        lr_unlearn=config.lr_unlearn,
+        max_unlearn_epochs=config.max_unlearn_epochs,
+        progress_bar=False,
     )
-    return {"unlearn_epochs": epochs, "stop_rule": rule, "zeroed_weights": zero_reinit_(layers, masks)}
 
 
 class StageTracker(pl.Callback):
@@ -210,17 +205,11 @@ def defend(
     start = time.perf_counter()
     if kind == "stage1_only":
         ordered = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=False)
-        row["stage1"] = _stage_one(config, module, ordered)
+        row["stage1"] = _stage_one(config).apply(module, ordered)
         row["stage1_seconds"] = time.perf_counter() - start
     elif kind != "no_defense":
         callbacks: list[pl.Callback] = []
-        stage1 = NeuronWeightChangeReinit(
-            neuron_ratio=config.neuron_ratio,
-            subweight_ratio=config.subweight_ratio,
-            lr_unlearn=config.lr_unlearn,
-            max_unlearn_epochs=config.max_unlearn_epochs,
-            progress_bar=False,
-        )
+        stage1 = _stage_one(config)
         if kind == "stage1_ft":  # the paper's "vanilla FT" ablation of stage 2
             callbacks = [stage1]
         elif kind == "tsbd_penalty":

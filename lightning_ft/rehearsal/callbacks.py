@@ -198,6 +198,7 @@ class RehearsalFeedback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self._pending: dict[str, Any] | None = None
         self._sampler: CollateralDamageSampler | None = None
+        self._pool_correct: Tensor | None = None
 
     def _find_sampler(self, trainer: pl.Trainer) -> CollateralDamageSampler:
         loader = trainer.train_dataloader
@@ -216,7 +217,8 @@ class RehearsalFeedback(Callback):
             sampler.load_state_dict(self._pending)
             self._pending = None
         sampler.set_epoch(trainer.current_epoch)  # Lightning only sets the epoch on samplers, not batch samplers
-        self._sampler = sampler
+        if sampler is not self._sampler:
+            self._sampler, self._pool_correct = sampler, None
 
     @override
     def on_train_batch_end(
@@ -237,7 +239,9 @@ class RehearsalFeedback(Callback):
             raise ValueError(f"per_sample 'correct' has {correct.numel()} entries for {ids.numel()} sample ids.")
         replay = ids >= sampler.num_finetune
         positions = ids[replay] - sampler.num_finetune
-        forgot = sampler.pool_correct.to(ids.device)[positions] & ~correct[replay]
+        if self._pool_correct is None or self._pool_correct.device != ids.device:  # one copy, not one per step
+            self._pool_correct = sampler.pool_correct.to(ids.device)
+        forgot = self._pool_correct[positions] & ~correct[replay]
         losses: Tensor | None = None
         if per_sample.get("loss") is not None:
             losses = torch.as_tensor(per_sample["loss"]).detach().float().flatten().to(ids.device)[replay]

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from lightning_ft._internal.batches import inputs_and_labels
+from lightning_ft._internal.distributed import all_gather_rows
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft.rehearsal.functional import sequence_nll
 
@@ -80,21 +81,6 @@ def batch_sample_ids(batch: Any, key: str = "sample_id") -> Tensor:
 
 def _logits(output: Any) -> Tensor:
     return output.logits if hasattr(output, "logits") else output
-
-
-def _gather_rows(tensor: Tensor) -> Tensor:
-    """Concatenate every rank's rows (uneven counts allowed); unchanged without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    longest = int(max(int(c) for c in counts))
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded.contiguous())
-    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)])
 
 
 @dataclass
@@ -194,7 +180,11 @@ class ReferenceStatistics:
             for batch in batches:
                 ids_.append(batch_sample_ids(batch, id_key))
                 if task == "classification":
-                    x, y = _classification_xy(batch)
+                    if isinstance(batch, (tuple, list)) and len(batch) < 3:
+                        raise ValueError(
+                            "classification batches must be (inputs, labels, ids) tuples or mappings with an id entry."
+                        )
+                    x, y = inputs_and_labels(batch)
                     logits = _logits(model(x.to(device))).float()
                     y = y.to(device)
                     losses.append(nn.functional.cross_entropy(logits, y, reduction="none").cpu())
@@ -218,10 +208,10 @@ class ReferenceStatistics:
                 corrects.append(torch.as_tensor(correct).bool().cpu())
         if not ids_:
             raise ValueError("the data loader is empty: no reference statistics to compute.")
-        sample_ids = _gather_rows(torch.cat(ids_).to(device)).cpu()
-        loss = _gather_rows(torch.cat(losses).to(device)).cpu()
-        correct_all = _gather_rows(torch.cat(corrects).to(device)).cpu()
-        token_nll_all = _gather_rows(torch.cat(tokens).to(device)).cpu() if tokens else None
+        sample_ids = all_gather_rows(torch.cat(ids_).to(device)).cpu()
+        loss = all_gather_rows(torch.cat(losses).to(device)).cpu()
+        correct_all = all_gather_rows(torch.cat(corrects).to(device)).cpu()
+        token_nll_all = all_gather_rows(torch.cat(tokens).to(device)).cpu() if tokens else None
         keep = _first_occurrences(sample_ids)
         return cls(
             sample_ids[keep], loss[keep], correct_all[keep], None if token_nll_all is None else token_nll_all[keep]
@@ -240,19 +230,6 @@ class ReferenceStatistics:
         """Read statistics written by :meth:`save`."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         return cls(state["sample_ids"], state["loss"], state["correct"], state.get("token_nll"))
-
-
-def _classification_xy(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, Mapping):
-        for x_key, y_key in (("image", "label"), ("pixel_values", "labels"), ("x", "y")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-        raise ValueError(
-            f"classification batches need image/label, pixel_values/labels or x/y keys; got {sorted(batch)}."
-        )
-    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
-        return batch[0], batch[1]
-    raise ValueError("classification batches must be (inputs, labels, ids) tuples or mappings with an id entry.")
 
 
 def _first_occurrences(ids: Tensor) -> Tensor:
