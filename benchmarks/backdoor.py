@@ -53,7 +53,13 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def bench_effect(seeds: list[int], archs: tuple[str, ...], attacks: tuple[str, ...], sweep: list[float]) -> dict:
+def bench_effect(
+    seeds: list[int],
+    archs: tuple[str, ...],
+    attacks: tuple[str, ...],
+    sweep: list[float],
+    kinds: tuple[str, ...] = KINDS,
+) -> dict:
     runs: list[dict[str, Any]] = []
     sweep_rows: list[dict[str, Any]] = []
     for arch in archs:
@@ -63,7 +69,7 @@ def bench_effect(seeds: list[int], archs: tuple[str, ...], attacks: tuple[str, .
                 setup = prepare(config)
                 before = evaluate_state(config, setup)
                 print(f"{arch} {attack} seed {seed}: backdoored acc {before['acc']:.3f} asr {before['asr']:.3f}")
-                for kind in KINDS:
+                for kind in kinds:
                     row = before if kind == "no_defense" else defend(config, setup, kind)
                     row = {**{k: v for k, v in row.items() if k != "nwc"}, "attack_seconds": setup.attack_seconds}
                     runs.append(_with_der(row, before))
@@ -90,7 +96,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in runs:
         groups.setdefault((row["arch"], row["attack"], row["kind"]), []).append(row)
     out = []
-    for (arch, attack, kind), rows in groups.items():
+    order = {name: i for i, name in enumerate((*ARCHS, *ATTACKS, *KINDS))}
+    for (arch, attack, kind), rows in sorted(groups.items(), key=lambda kv: [order.get(k, 99) for k in kv[0]]):
         entry: dict[str, Any] = {"arch": arch, "attack": attack, "kind": kind, "n": len(rows)}
         for metric in METRICS:
             values = [r[metric] for r in rows]
@@ -210,6 +217,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, BadNets, BN-CNN; no card update")
     parser.add_argument("--skip-timing", action="store_true", help="keep the timing of the last results file")
     parser.add_argument("--timing-only", action="store_true", help="keep the effect of the last results file")
+    parser.add_argument(
+        "--kinds", default="", help="comma-separated defenses to rerun, merged into the last results (e.g. rnp,rnp_ft)"
+    )
     args = parser.parse_args()
     _quiet()
     torch.set_num_threads(2)
@@ -224,6 +234,14 @@ def main() -> None:
     previous = json.loads(out.read_text()) if out.exists() else {}
     if args.timing_only:
         results["effect"], results["effect_seconds"] = previous["effect"], previous["effect_seconds"]
+    elif args.kinds:
+        kinds = tuple(args.kinds.split(","))
+        start = time.perf_counter()
+        new = bench_effect(seeds, archs, attacks, [], kinds=kinds)["runs"]
+        old = previous.get("effect", {})
+        runs = [r for r in old.get("runs", []) if r["kind"] not in kinds] + new
+        results["effect"] = {"runs": runs, "summary": summarise(runs), "sweep": old.get("sweep", [])}
+        results["effect_seconds"] = previous.get("effect_seconds", 0.0) + time.perf_counter() - start
     else:
         start = time.perf_counter()
         results["effect"] = bench_effect(seeds, archs, attacks, sweep)

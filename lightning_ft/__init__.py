@@ -16,7 +16,9 @@ _LAZY = {
     "AttackSuccessRate": "lightning_ft.backdoor",
     "FLOWWeightedLoss": "lightning_ft.rehearsal",
     "FLOWWeighting": "lightning_ft.rehearsal",
+    "LearnedMaskPruning": "lightning_ft.pruning",
     "NeuronWeightChangeReinit": "lightning_ft.backdoor",
+    "ReconstructiveNeuronPruning": "lightning_ft.pruning",
     "ReferenceStatistics": "lightning_ft.rehearsal",
     "MemorisationEarlyStopping": "lightning_ft.memorisation",
     "MemorisationMonitor": "lightning_ft.memorisation",
@@ -31,12 +33,14 @@ __all__ = [
     "AttackSuccessRate",
     "FLOWWeightedLoss",
     "FLOWWeighting",
+    "LearnedMaskPruning",
     "MemorisationEarlyStopping",
     "MemorisationMonitor",
     "MemorisationScore",
     "NGramRegularizedLM",
     "NGramRegularizer",
     "NeuronWeightChangeReinit",
+    "ReconstructiveNeuronPruning",
     "ReferenceStatistics",
     "__version__",
     "tsbd",
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
         NGramRegularizedLM,
         NGramRegularizer,
     )
+    from lightning_ft.pruning import LearnedMaskPruning, ReconstructiveNeuronPruning
     from lightning_ft.rehearsal import FLOWWeightedLoss, FLOWWeighting, ReferenceStatistics
 
 

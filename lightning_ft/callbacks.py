@@ -3,12 +3,16 @@
 from lightning_ft.backdoor.activeness import ActivenessAwareFineTuning
 from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit
 from lightning_ft.memorisation.callbacks import MemorisationEarlyStopping, MemorisationMonitor
+from lightning_ft.pruning.callbacks import LearnedMaskPruning
+from lightning_ft.pruning.rnp import ReconstructiveNeuronPruning
 from lightning_ft.rehearsal.callbacks import RehearsalFeedback
 
 __all__ = [
     "ActivenessAwareFineTuning",
+    "LearnedMaskPruning",
     "MemorisationEarlyStopping",
     "MemorisationMonitor",
     "NeuronWeightChangeReinit",
+    "ReconstructiveNeuronPruning",
     "RehearsalFeedback",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-__all__ = ["inputs_and_labels"]
+__all__ = ["clean_loader", "inputs_and_labels"]
 
 _KEY_PAIRS = (("image", "label"), ("pixel_values", "labels"), ("x", "y"))
 
@@ -26,3 +28,17 @@ def inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor]:
         "classification batches must be (inputs, labels, ...) tuples or mappings with image/label, pixel_values/labels"
         f" or x/y entries; got a {type(batch).__name__}{keys}."
     )
+
+
+def clean_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, owner: str) -> Iterable[Any]:
+    """The clean data a defense runs on: ``dataloader`` if given, else the fit's whole training set in order, read
+    without the distributed sampler (rank 0 runs on all of it). ``owner`` names the callback in the error."""
+    if dataloader is not None:
+        return dataloader
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader):
+        raise ValueError(
+            f"{owner} reads the clean data from the fit's single training DataLoader; pass `dataloader=` explicitly"
+            " for other setups."
+        )
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)

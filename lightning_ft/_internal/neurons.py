@@ -1,4 +1,4 @@
-"""Neuron discovery: the output channels of Conv1d/Conv2d, Linear and ``transformers``' Conv1D layers.
+"""Neuron discovery: the output channels of Conv1d/Conv2d, Linear, ``transformers``' Conv1D and BatchNorm layers.
 
 Shared by the backdoor family (TSBD's neuron-weight changes) and the pruning family (channel masks). A neuron is one
 output channel; its weights are the corresponding slice of the layer's weight (``fan_in`` sub-weights).
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["LAYER_TYPES", "NeuronLayer", "find_neuron_layers"]
+__all__ = ["GATE_LAYER_TYPES", "LAYER_TYPES", "NeuronLayer", "find_neuron_layers"]
 
 LAYER_TYPES = ("conv", "linear", "hf_conv1d")
+GATE_LAYER_TYPES = (*LAYER_TYPES, "bn")  # BatchNorm channels count as neurons for channel masks (pruning, RNP)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -23,13 +24,16 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(module.weight, Tensor)
 
 
-def _layer_type(module: nn.Module) -> str | None:
+def layer_type(module: nn.Module) -> str | None:
+    """The neuron-layer type of ``module`` (one of :data:`GATE_LAYER_TYPES`), or None."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return "conv"
     if isinstance(module, nn.Linear):
         return "linear"
     if _is_hf_conv1d(module):
         return "hf_conv1d"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        return "bn"
     return None
 
 
@@ -40,7 +44,7 @@ class NeuronLayer:
     Attributes:
         name: the module's qualified name in the model.
         module: the module.
-        kind: ``"conv"``, ``"linear"`` or ``"hf_conv1d"``.
+        kind: ``"conv"``, ``"linear"``, ``"hf_conv1d"`` or ``"bn"`` (an affine BatchNorm; its weight is ``gamma``).
         out_dim: the weight dimension that indexes output channels (0, or 1 for ``transformers``' Conv1D).
     """
 
@@ -72,28 +76,30 @@ def find_neuron_layers(
     types: Sequence[str] = ("conv",),
     include: Sequence[str] = (),
     exclude: Sequence[str] = ("shortcut", "downsample"),
+    allowed: Sequence[str] = LAYER_TYPES,
 ) -> list[NeuronLayer]:
     """The layers of ``model`` whose output channels count as neurons, in module order.
 
     Args:
         model: any ``nn.Module``.
-        types: subset of ``("conv", "linear", "hf_conv1d")``. TSBD uses ``("conv",)``.
+        types: subset of ``allowed``. TSBD uses ``("conv",)``.
         include: regular expressions; when given, a layer's name must match one of them (``re.search``).
         exclude: regular expressions; a layer whose name matches one is skipped (TSBD skips shortcut convs).
+        allowed: the types a caller supports: :data:`LAYER_TYPES`, or :data:`GATE_LAYER_TYPES` with ``"bn"``.
 
     Raises:
         ValueError: on an unknown type or when no layer is eligible (the message lists what the model has).
     """
-    unknown = set(types) - set(LAYER_TYPES)
+    unknown = set(types) - set(allowed)
     if unknown or not types:
-        raise ValueError(f"`types` must be a non-empty subset of {LAYER_TYPES}, got {tuple(types)!r}.")
+        raise ValueError(f"`types` must be a non-empty subset of {tuple(allowed)}, got {tuple(types)!r}.")
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in exclude]
     layers = []
     seen: list[str] = []
     for name, module in model.named_modules():
-        kind = _layer_type(module)
-        if kind is None:
+        kind = layer_type(module)
+        if kind is None or kind not in allowed:
             continue
         seen.append(f"{name or '<root>'} ({kind})")
         if kind not in types:
@@ -107,6 +113,6 @@ def find_neuron_layers(
         listed = ", ".join(seen[:12]) + (" ..." if len(seen) > 12 else "") if seen else "none"
         raise ValueError(
             f"no eligible layer: types={tuple(types)}, include={tuple(include)}, exclude={tuple(exclude)}; the model"
-            f" has these conv/linear layers: {listed}. Widen `types` (e.g. add 'linear') or relax the patterns."
+            f" has these layers: {listed}. Widen `types` (e.g. add 'linear') or relax the patterns."
         )
     return layers

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_ft._internal.batches import inputs_and_labels
+from lightning_ft._internal.batches import clean_loader, inputs_and_labels
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import LAYER_TYPES, find_neuron_layers
@@ -165,18 +165,6 @@ class NeuronWeightChangeReinit(Callback):
         if stage == "fit":  # fail before training on a model without eligible layers
             find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
 
-    def _clean_loader(self, trainer: pl.Trainer) -> Iterable[Any]:
-        if self.dataloader is not None:
-            return self.dataloader
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader):
-            raise ValueError(
-                "NeuronWeightChangeReinit reads the clean data from the fit's single training DataLoader; pass"
-                " `dataloader=` explicitly for other setups."
-            )
-        # the whole clean set, in order, without the distributed sampler (rank 0 unlearns on all of it)
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start rather than on_fit_start: the fit's training dataloader exists from here on
@@ -186,7 +174,7 @@ class NeuronWeightChangeReinit(Callback):
         layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
         payload: dict[str, Any] | None = None
         if trainer.is_global_zero:
-            payload = self._select(self._clean_loader(trainer), pl_module, layers)
+            payload = self._select(clean_loader(trainer, self.dataloader, type(self).__name__), pl_module, layers)
         payload = trainer.strategy.broadcast(payload, src=0)
         assert payload is not None
         masks = {k: v.to(pl_module.device) for k, v in payload["masks"].items()}

@@ -30,6 +30,7 @@ from lightning_ft.demos._common import cpu_trainer as _trainer
 from lightning_ft.demos._common import prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
+from lightning_ft.pruning.rnp import ReconstructiveNeuronPruning
 
 __all__ = [
     "ATTACKS",
@@ -46,7 +47,7 @@ __all__ = [
     "run",
 ]
 
-KINDS = ("no_defense", "vanilla_ft", "stage1_only", "stage1_ft", "tsbd_penalty", "tsbd_clip")
+KINDS = ("no_defense", "vanilla_ft", "stage1_only", "stage1_ft", "tsbd_penalty", "tsbd_clip", "rnp", "rnp_ft")
 ATTACKS = ("badnets", "blended")
 
 
@@ -77,6 +78,7 @@ class BackdoorDemoConfig:
     alpha: float = 0.7
     r: float = 0.05
     clip_factor: float = 1.0
+    rnp_threshold: float = 0.2
     kinds: tuple[str, ...] = field(default_factory=lambda: KINDS)
 
     def __post_init__(self) -> None:
@@ -207,6 +209,14 @@ def defend(
         ordered = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=False)
         row["stage1"] = _stage_one(config).apply(module, ordered)
         row["stage1_seconds"] = time.perf_counter() - start
+    elif kind == "rnp":  # the official protocol: unlearn, recover masks, prune; no fine-tuning
+        loader = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=True)
+        row["rnp"] = ReconstructiveNeuronPruning(threshold=config.rnp_threshold).apply(module, loader)
+    elif kind == "rnp_ft":  # RNP, then the same fine-tuning as vanilla FT with the pruned channels held at 0
+        loader = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=True)
+        rnp = ReconstructiveNeuronPruning(threshold=config.rnp_threshold)
+        _trainer(config.finetune_epochs, [rnp, *(extra_callbacks or [])]).fit(module, loader)
+        row["rnp"] = dict(rnp.report)
     elif kind != "no_defense":
         callbacks: list[pl.Callback] = []
         stage1 = _stage_one(config)

@@ -49,7 +49,8 @@ def mlp(in_features: int = 64, num_classes: int = 10, width: int = 128) -> nn.Mo
 
 
 class ImageClassifier(pl.LightningModule):
-    """Cross-entropy classifier over ``(image, label)`` batches; SGD with momentum; logs ``train_loss``, ``val_acc``.
+    """Cross-entropy classifier over ``(image, label)`` batches (SGD with momentum, or Adam); logs ``train_loss``,
+    ``val_acc``.
 
     Batches ``(image, label, sample_id)`` (e.g. from a :class:`~lightning_ft.rehearsal.RehearsalDataModule`) make
     ``training_step`` also return the per-sample outputs :class:`~lightning_ft.rehearsal.RehearsalFeedback` reads.
@@ -60,8 +61,9 @@ class ImageClassifier(pl.LightningModule):
         num_classes: output classes.
         in_channels: image channels.
         width: :class:`SmallBNCNN` width.
-        lr, momentum, weight_decay: SGD settings.
+        lr, momentum, weight_decay: optimizer settings (momentum is SGD's).
         seed: initialisation seed.
+        optimizer: ``"sgd"`` or ``"adam"``.
     """
 
     def __init__(
@@ -74,8 +76,11 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         seed: int = 0,
+        optimizer: str = "sgd",
     ) -> None:
         super().__init__()
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"`optimizer` must be 'sgd' or 'adam', got {optimizer!r}.")
         self.save_hyperparameters()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -87,7 +92,7 @@ class ImageClassifier(pl.LightningModule):
                 import timm
 
                 self.model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -110,4 +115,6 @@ class ImageClassifier(pl.LightningModule):
         self.log("val_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)

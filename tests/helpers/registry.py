@@ -71,4 +71,21 @@ REGISTRY: dict[str, Entry] = {
         trainer_kwargs={"use_distributed_sampler": False},
         monitor=("val_acc", "max"),
     ),
+    "LearnedMaskPruning": Entry(
+        ft_callbacks.LearnedMaskPruning,
+        # an explicit total: the stopped run of the resume test is a shorter fit of the same schedule
+        {"sparsity": 0.5, "gate_type": "hard_concrete", "total_steps": 12, "schedule_start": 0.0, "schedule_end": 0.5},
+        make_module=tiny_classifier,
+        make_data=small_digits_datamodule,
+        yaml="learned_mask_pruning.yaml",
+        monitor=("val_acc", "max"),
+    ),
+    "ReconstructiveNeuronPruning": Entry(
+        ft_callbacks.ReconstructiveNeuronPruning,
+        {"threshold": 0.99, "unlearn_epochs": 3, "mask_epochs": 3},
+        make_module=tiny_classifier,
+        make_data=small_digits_datamodule,
+        yaml="reconstructive_neuron_pruning.yaml",
+        monitor=("val_acc", "max"),
+    ),
 }

@@ -1,0 +1,302 @@
+"""Per-output-neuron gates: attach, read, fold into the weights (make permanent) and remove.
+
+A gate multiplies one output channel of a Conv1d/Conv2d, Linear, ``transformers`` Conv1D or affine BatchNorm layer by
+``z``, through a forward hook on the layer; its trainable score lives in a child module ``neuron_gate`` of the layer,
+so the scores are ordinary parameters of the model: DDP all-reduces their gradients when they exist before the wrap,
+and checkpoints hold them. Gating a BatchNorm's output (rather than the conv before it) is what lets a pruned channel
+be exactly zero, in train and eval mode, and so be removed by :func:`~lightning_ft.pruning.export`.
+
+Gate types:
+
+* ``"sigmoid"`` (soft movement pruning, Sanh et al. 2020, structured): the forward value is the binary keep mask
+  ``M`` (1 for kept neurons); the score ``s`` gets the straight-through gradient ``dL/dz``; the regulariser is
+  ``mean(sigmoid(s))`` (L1 on sigmoid).
+* ``"hard_concrete"`` (L0 gates, Louizos et al. 2018): in training ``z = clamp(sigmoid((logit(u) + log_alpha) / beta)
+  * (zeta - gamma) + gamma, 0, 1)`` with ``u ~ U(0, 1)``; in eval the deterministic ``clamp(sigmoid(log_alpha) *
+  (zeta - gamma) + gamma, 0, 1)``; times ``M``. The regulariser is the expected L0 norm
+  ``mean(sigmoid(log_alpha - beta * log(-gamma / zeta)))``.
+
+Which neurons ``M`` keeps is decided outside the gates (top-k on the scores, :func:`topk_keep_masks`), so the
+sparsity is exact. A pruned neuron still receives the straight-through gradient, so it can come back while the mask
+is being learned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers, layer_type
+
+__all__ = [
+    "GATE_TYPES",
+    "GatedLayer",
+    "NeuronGate",
+    "attach_gates",
+    "find_gates",
+    "gate_penalty_grad",
+    "make_permanent",
+    "num_pruned",
+    "remove_gates",
+    "topk_keep_masks",
+]
+
+GateType = Literal["sigmoid", "hard_concrete"]
+GATE_TYPES = ("sigmoid", "hard_concrete")
+GATE_ATTR = "neuron_gate"
+# HardConcrete stretch and temperature (Louizos et al.; the values of the emmental and CoFi code)
+HC_GAMMA, HC_ZETA, HC_BETA = -0.1, 1.1, 2.0 / 3.0
+_HC_SHIFT = HC_BETA * math.log(-HC_GAMMA / HC_ZETA)
+DEFAULT_INIT = {"sigmoid": 0.0, "hard_concrete": 3.0}
+
+
+class NeuronGate(nn.Module):
+    """The gate scores of one layer's output neurons and the current keep mask.
+
+    Args:
+        num_neurons: output channels of the gated layer.
+        gate_type: ``"sigmoid"`` or ``"hard_concrete"``.
+        init: initial score (default: 0 for sigmoid, 3 for HardConcrete, whose eval gate is then exactly 1).
+
+    Attributes:
+        scores: the trainable scores (``log_alpha`` for HardConcrete).
+        mask: boolean keep mask, or None while nothing is pruned. Not a buffer: it is recomputed from the scores
+            (identical on every rank), and DDP would otherwise broadcast it at every forward.
+        noise: HardConcrete's ``u`` for the next training forward, or None to draw it from the global RNG.
+    """
+
+    def __init__(self, num_neurons: int, gate_type: GateType = "sigmoid", init: float | None = None) -> None:
+        super().__init__()
+        if gate_type not in GATE_TYPES:
+            raise ValueError(f"`gate_type` must be one of {GATE_TYPES}, got {gate_type!r}.")
+        self.gate_type = gate_type
+        init = DEFAULT_INIT[gate_type] if init is None else float(init)
+        self.scores = nn.Parameter(torch.full((num_neurons,), init))
+        self.mask: Tensor | None = None
+        self.noise: Tensor | None = None
+
+    @property
+    def num_neurons(self) -> int:
+        return self.scores.numel()
+
+    def deterministic(self) -> Tensor:
+        """The eval-mode gate values, without the mask (no gradient)."""
+        with torch.no_grad():
+            if self.gate_type == "sigmoid":
+                return torch.ones_like(self.scores)
+            return (torch.sigmoid(self.scores) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+
+    def value(self) -> Tensor:
+        """The gate values of the next forward (train: sampled for HardConcrete; eval: deterministic), masked,
+        with the straight-through gradient to the scores."""
+        s = self.scores
+        if self.gate_type == "sigmoid":
+            z = s - s.detach() + 1.0  # forward 1, gradient dL/dz straight through to s
+        elif self.training:
+            u = self.noise if self.noise is not None else torch.rand_like(s)
+            u = u.to(s).clamp(1e-6, 1.0 - 1e-6)
+            z = torch.sigmoid((torch.log(u) - torch.log1p(-u) + s) / HC_BETA)
+            z = (z * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+        else:
+            z = (torch.sigmoid(s) * (HC_ZETA - HC_GAMMA) + HC_GAMMA).clamp(0.0, 1.0)
+        if self.mask is not None:
+            z = z + (z * self.mask.to(z) - z).detach()  # pruned neurons: forward 0, gradient still flows
+        return z
+
+    def density(self) -> Tensor:
+        """The differentiable regulariser per neuron: ``sigmoid(s)`` or HardConcrete's ``P(z > 0)``."""
+        return torch.sigmoid(self.scores if self.gate_type == "sigmoid" else self.scores - _HC_SHIFT)
+
+    def extra_repr(self) -> str:
+        return f"num_neurons={self.num_neurons}, gate_type={self.gate_type!r}"
+
+
+def _gate_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    gate: NeuronGate = getattr(module, GATE_ATTR)
+    z = gate.value().to(output.dtype)
+    if _is_channel_last(module):
+        return output * z
+    return output * z.view(-1, *([1] * (output.dim() - 2)))
+
+
+def _is_channel_last(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+class GatedLayer:
+    """A gated layer: its name, module, gate and the hook handle (returned by :func:`attach_gates`)."""
+
+    def __init__(self, layer: NeuronLayer, gate: NeuronGate) -> None:
+        self.name, self.module, self.kind, self.out_dim = layer.name, layer.module, layer.kind, layer.out_dim
+        self.gate = gate
+
+    @property
+    def num_neurons(self) -> int:
+        return self.gate.num_neurons
+
+    def __repr__(self) -> str:
+        return f"GatedLayer({self.name!r}, {self.kind}, {self.num_neurons} neurons)"
+
+
+def find_gates(model: nn.Module) -> list[GatedLayer]:
+    """The gated layers of ``model``, in module order (empty when it has no gates)."""
+    gated = []
+    for name, module in model.named_modules():
+        gate = getattr(module, GATE_ATTR, None)
+        if isinstance(gate, NeuronGate):
+            kind = layer_type(module)
+            assert kind is not None, f"a gate on an unsupported layer {name!r}"
+            gated.append(GatedLayer(NeuronLayer(name, module, kind, 1 if kind == "hf_conv1d" else 0), gate))
+    return gated
+
+
+def attach_gates(
+    model: nn.Module,
+    layer_types: Sequence[str] = ("bn",),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = ("shortcut", "downsample"),
+    gate_type: GateType = "sigmoid",
+    init: float | None = None,
+) -> list[GatedLayer]:
+    """Attach a :class:`NeuronGate` to every eligible layer of ``model`` (in place) and return the gated layers.
+
+    Call it before the optimizer and the DDP wrap exist (a callback's ``setup``, or before ``Trainer.fit``), so that
+    both see the scores. With gates at 1 (no mask) the outputs are bit-identical to the ungated model's.
+
+    Args:
+        model: any module.
+        layer_types: subset of ``("conv", "linear", "hf_conv1d", "bn")``. For conv nets gate the BatchNorms (a gated
+            conv before a BatchNorm is renormalised away); for transformers gate the MLP's first projection, e.g.
+            ``layer_types=("hf_conv1d",), include=(r"mlp\\.c_fc",)`` for GPT-2.
+        include, exclude: regular expressions on layer names (see :func:`find_neuron_layers`).
+        gate_type: ``"sigmoid"`` or ``"hard_concrete"``.
+        init: initial score (default per gate type).
+
+    Raises:
+        ValueError: on an unknown type, no eligible layer, or a layer that already has a gate.
+
+    Example::
+
+        gated = attach_gates(model, layer_types=("bn",))
+        ...  # train the scores, set masks with topk_keep_masks
+        make_permanent(model)  # fold the masks into the weights; state_dict keys as before
+    """
+    if gate_type not in GATE_TYPES:
+        raise ValueError(f"`gate_type` must be one of {GATE_TYPES}, got {gate_type!r}.")
+    layers = find_neuron_layers(model, layer_types, include, exclude, allowed=GATE_LAYER_TYPES)
+    taken = [layer.name for layer in layers if hasattr(layer.module, GATE_ATTR)]
+    if taken:
+        raise ValueError(f"layers already gated: {taken[:5]}; call remove_gates or make_permanent first.")
+    gated = []
+    for layer in layers:
+        weight = layer.weight
+        gate = NeuronGate(layer.num_neurons, gate_type, init).to(device=weight.device, dtype=torch.float32)
+        layer.module.add_module(GATE_ATTR, gate)
+        layer.module.register_forward_hook(_gate_hook)
+        gated.append(GatedLayer(layer, gate))
+    return gated
+
+
+def remove_gates(model: nn.Module) -> int:
+    """Remove every gate and hook from ``model`` without touching the weights; returns how many were removed."""
+    gated = find_gates(model)
+    for g in gated:
+        # found by identity rather than through a handle, so deep copies and pickled models work too
+        for key, hook in list(g.module._forward_hooks.items()):
+            if hook is _gate_hook:
+                del g.module._forward_hooks[key]
+        delattr(g.module, GATE_ATTR)
+    return len(gated)
+
+
+@torch.no_grad()
+def make_permanent(model: nn.Module) -> dict[str, int]:
+    """Fold each gate's eval-mode value (mask included) into its layer's weight and bias, then remove the gates.
+
+    Afterwards the model has the ``state_dict`` keys of the ungated model, pruned neurons have all-zero weights and
+    bias, and the eval-mode outputs equal the gated model's (to float rounding; exactly for binary gates). Returns
+    the number of pruned neurons per layer.
+    """
+    pruned = {}
+    for g in find_gates(model):
+        was_training = g.gate.training
+        g.gate.eval()
+        z = g.gate.value().detach()
+        g.gate.train(was_training)
+        weight = g.module.weight
+        shape = [1] * weight.dim()
+        shape[g.out_dim] = -1
+        weight.mul_(z.to(weight).view(shape))
+        bias = getattr(g.module, "bias", None)
+        if isinstance(bias, Tensor):
+            bias.mul_(z.to(bias))
+        pruned[g.name] = int((z == 0).sum())
+    remove_gates(model)
+    return pruned
+
+
+def num_pruned(
+    sizes: Sequence[int], sparsity: float, scope: Literal["layer", "global"] = "layer", min_keep: int = 1
+) -> int:
+    """How many neurons :func:`topk_keep_masks` prunes, computed on the host (no device sync)."""
+    if scope == "layer":
+        return sum(min(math.floor(sparsity * n + 1e-9), max(n - min_keep, 0)) for n in sizes)
+    total = sum(sizes)
+    return min(math.floor(sparsity * total + 1e-9), total - sum(min(min_keep, n) for n in sizes))
+
+
+def topk_keep_masks(
+    scores: Sequence[Tensor],
+    sparsity: float,
+    scope: Literal["layer", "global"] = "layer",
+    min_keep: int = 1,
+) -> list[Tensor]:
+    """Boolean keep masks that prune the ``floor(sparsity * n)`` lowest-scoring neurons.
+
+    ``scope="layer"`` prunes that share of each layer (at most ``n - min_keep`` of it); ``"global"`` ranks all
+    neurons together, keeping each layer's ``min_keep`` best. Ties are broken by position (stable sort), so equal
+    scores give the same mask on every rank.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"`scope` must be 'layer' or 'global', got {scope!r}.")
+    masks = []
+    if scope == "layer":
+        for s in scores:
+            k = num_pruned([s.numel()], sparsity, "layer", min_keep)
+            mask = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+            mask[torch.argsort(s.detach(), stable=True)[:k]] = False
+            masks.append(mask)
+        return masks
+    protected = []
+    for s in scores:
+        p = s.detach().float().clone()
+        keep = min(min_keep, s.numel())
+        if keep:
+            p[torch.topk(p, keep).indices] = float("inf")
+        protected.append(p)
+    flat = torch.cat(protected)
+    k = num_pruned([s.numel() for s in scores], sparsity, "global", min_keep)
+    keep_flat = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep_flat[torch.argsort(flat, stable=True)[:k]] = False
+    return list(keep_flat.split([s.numel() for s in scores]))
+
+
+@torch.no_grad()
+def gate_penalty_grad(gates: Sequence[NeuronGate]) -> list[Tensor]:
+    """The gradient of the mean regulariser ``mean(density)`` over all neurons of ``gates``, per gate.
+
+    Computed in closed form (``sigmoid'``), so it can be added to the scores' gradients without a second backward
+    (a backward outside DDP's forward would fire DDP's gradient hooks).
+    """
+    total = sum(g.num_neurons for g in gates)
+    grads = []
+    for g in gates:
+        d = g.density()
+        grads.append(d * (1 - d) / total)
+    return grads

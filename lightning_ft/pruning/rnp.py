@@ -1,0 +1,329 @@
+"""Reconstructive Neuron Pruning (RNP, Li et al. 2023): unlearn a copy, recover BatchNorm channel masks on it, prune
+the channels whose mask stays low in the original model.
+
+The functional core follows the official code (``bboylyg/RNP``, ``main.py`` and ``models/mask_batchnorm.py``):
+
+1. :func:`rnp_unlearn`: gradient ascent on cross-entropy over clean data, SGD(lr 0.01, momentum 0.9, weight decay
+   5e-4), learning rate x0.1 at epochs 10 and 20, stopping when the epoch's running train-mode accuracy is at most
+   0.2. The official code calls ``clip_grad_norm_`` before ``backward`` (no effect); ``clip_norm`` clips after it.
+2. :func:`rnp_recover_masks`: every BatchNorm's ``gamma`` is multiplied by a mask ``m`` (init 1, ``beta`` kept);
+   only the masks train, SGD(lr 0.2, momentum 0.9) on ``alpha * CE`` for 20 epochs in train mode, clamped to [0, 1]
+   after each step.
+3. :func:`rnp_prune_`: ``gamma`` is set to 0 for every channel with ``m <= threshold`` in the original model (the
+   channel becomes the constant ``beta``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_ft._internal.batches import clean_loader, inputs_and_labels
+from lightning_ft._internal.logging import log_histogram, log_scalars
+from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers
+from lightning_ft._internal.validation import check_int
+
+__all__ = ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
+
+
+def _batchnorms(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[NeuronLayer]:
+    try:
+        return find_neuron_layers(model, ("bn",), include, exclude, allowed=GATE_LAYER_TYPES)
+    except ValueError as err:
+        raise ValueError(
+            f"RNP masks BatchNorm channels and found none to mask: {err} (BN-free networks are not supported.)"
+        ) from None
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def rnp_unlearn(
+    model: nn.Module,
+    loader: Iterable[Any],
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    max_epochs: int = 20,
+    stop_acc: float = 0.2,
+    clip_norm: float | None = None,
+    milestones: Sequence[int] = (10, 20),
+) -> tuple[int, float]:
+    """RNP's clean unlearning, in place on ``model`` (pass a copy). Returns ``(epochs run, last running accuracy)``."""
+    device = _device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.1)
+    acc = 1.0
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        correct = torch.zeros((), device=device)
+        total = 0
+        for batch in loader:
+            x, y = inputs_and_labels(batch)
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            optimizer.zero_grad(set_to_none=True)
+            (-nn.functional.cross_entropy(out, y)).backward()
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(params, clip_norm)
+            optimizer.step()
+            correct += (out.argmax(-1) == y).sum()
+            total += y.numel()
+        scheduler.step()
+        if total == 0:
+            raise ValueError("the clean data loader is empty: RNP's unlearning needs clean samples.")
+        acc = float(correct) / total  # one sync per epoch
+        if acc <= stop_acc:
+            return epoch, acc
+    return max_epochs, acc
+
+
+def _mask_hook(mask: Tensor) -> Any:
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        # BN(x; gamma * m, beta) = m * BN(x; gamma, beta) + (1 - m) * beta
+        shape = (-1, *([1] * (output.dim() - 2)))
+        m = mask.view(shape).to(output.dtype)
+        return output * m + (1 - m) * module.bias.view(shape)
+
+    return hook
+
+
+def rnp_recover_masks(
+    model: nn.Module,
+    loader: Iterable[Any],
+    lr: float = 0.2,
+    momentum: float = 0.9,
+    epochs: int = 20,
+    alpha: float = 0.2,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> dict[str, Tensor]:
+    """Learn one mask per BatchNorm channel of the (unlearned) ``model`` on clean data; returns them by layer name.
+
+    ``model``'s own parameters are left unchanged (its BatchNorm running statistics are updated: pass a copy).
+    """
+    device = _device(model)
+    bns = _batchnorms(model, include, exclude)
+    masks = {bn.name: nn.Parameter(torch.ones(bn.num_neurons, device=device)) for bn in bns}
+    handles = [bn.module.register_forward_hook(_mask_hook(masks[bn.name])) for bn in bns]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    optimizer = torch.optim.SGD(list(masks.values()), lr=lr, momentum=momentum)
+    try:
+        model.train()
+        for _ in range(epochs):
+            for batch in loader:
+                x, y = inputs_and_labels(batch)
+                loss = alpha * nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for m in masks.values():
+                        m.clamp_(0.0, 1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return {name: m.detach() for name, m in masks.items()}
+
+
+@torch.no_grad()
+def rnp_prune_(model: nn.Module, masks: dict[str, Tensor], threshold: float) -> dict[str, Tensor]:
+    """Zero ``gamma`` of every BatchNorm channel whose mask is ``<= threshold`` (``beta`` kept), in place; returns
+    the pruned channel indices per layer."""
+    modules = dict(model.named_modules())
+    pruned = {}
+    for name, mask in masks.items():
+        if name not in modules:
+            raise ValueError(f"mask for {name!r}, which is not a module of the model")
+        idx = (mask <= threshold).nonzero().flatten()
+        modules[name].weight[idx.to(modules[name].weight.device)] = 0.0
+        pruned[name] = idx.cpu()
+    return pruned
+
+
+class ReconstructiveNeuronPruning(Callback):
+    """RNP backdoor defense: unlearn a copy on clean data, recover BatchNorm channel masks on it, and prune the
+    channels whose mask stays at or below ``threshold`` in the model being trained, before its first step.
+
+    Backdoor channels are the ones the unlearned model can do without when it recovers clean accuracy through masks
+    alone, so their masks fall (Li et al. 2023). Runs at the start of training on rank 0 (the whole clean set), and
+    the pruned channel indices are broadcast so every rank prunes the same ones. With ``keep_pruned`` the pruned
+    ``gamma`` are re-zeroed after every optimizer step of the following fine-tuning; ``finetune=False`` stops the fit
+    right after pruning (the official protocol has no fine-tuning). Resumable: RNP never runs twice.
+
+    Args:
+        threshold: prune channels with mask ``<= threshold`` (the official README's example: 0.2). Choose it on
+            clean data; the right value depends on the model (see the method card).
+        unlearn_lr, unlearn_momentum, unlearn_weight_decay: SGD of the unlearning (official 0.01, 0.9, 5e-4).
+        unlearn_epochs: cap on unlearning epochs (official 20).
+        unlearn_stop_acc: stop when the epoch's running train-mode accuracy is at most this (official 0.2).
+        unlearn_clip_norm: gradient-norm clipping of the unlearning (None: none, as the official code in effect).
+        mask_lr, mask_momentum, mask_epochs, alpha: mask recovery (official 0.2, 0.9, 20, 0.2).
+        include, exclude: regexes on BatchNorm names (default: all, shortcut BatchNorms included as in the code).
+        keep_pruned: hold pruned ``gamma`` at 0 during the fine-tuning that follows.
+        finetune: continue with the fit's fine-tuning after pruning (False: stop the fit).
+        dataloader: clean ``(x, y)`` batches; default: the fit's training data, read without a distributed sampler.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ReconstructiveNeuronPruning(threshold=0.2, finetune=False)], max_epochs=1)
+        trainer.fit(classifier, clean_datamodule)
+
+    Reference: Li et al., "Reconstructive Neuron Pruning for Backdoor Defense", ICML 2023, arXiv:2305.14876.
+    """
+
+    def __init__(
+        self,
+        threshold: float = 0.2,
+        unlearn_lr: float = 0.01,
+        unlearn_momentum: float = 0.9,
+        unlearn_weight_decay: float = 5e-4,
+        unlearn_epochs: int = 20,
+        unlearn_stop_acc: float = 0.2,
+        unlearn_clip_norm: float | None = None,
+        mask_lr: float = 0.2,
+        mask_momentum: float = 0.9,
+        mask_epochs: int = 20,
+        alpha: float = 0.2,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        keep_pruned: bool = True,
+        finetune: bool = True,
+        dataloader: Iterable[Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`threshold` must be in [0, 1] (masks live there), got {threshold}.")
+        if not 0.0 <= unlearn_stop_acc <= 1.0:
+            raise ValueError(f"`unlearn_stop_acc` must be in [0, 1], got {unlearn_stop_acc}.")
+        for name, value in (("unlearn_lr", unlearn_lr), ("mask_lr", mask_lr), ("alpha", alpha)):
+            if not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value}.")
+        if unlearn_clip_norm is not None and not unlearn_clip_norm > 0:
+            raise ValueError(f"`unlearn_clip_norm` must be > 0 or None, got {unlearn_clip_norm}.")
+        check_int("unlearn_epochs", unlearn_epochs)
+        check_int("mask_epochs", mask_epochs)
+        self.threshold = threshold
+        self.unlearn_lr, self.unlearn_momentum = unlearn_lr, unlearn_momentum
+        self.unlearn_weight_decay, self.unlearn_epochs = unlearn_weight_decay, unlearn_epochs
+        self.unlearn_stop_acc, self.unlearn_clip_norm = unlearn_stop_acc, unlearn_clip_norm
+        self.mask_lr, self.mask_momentum, self.mask_epochs, self.alpha = mask_lr, mask_momentum, mask_epochs, alpha
+        self.include, self.exclude = tuple(include), tuple(exclude)
+        self.keep_pruned, self.finetune, self.dataloader = keep_pruned, finetune, dataloader
+        self.done = False
+        self.pruned: dict[str, Tensor] = {}
+        self.report: dict[str, Any] = {}
+        self.masks: dict[str, Tensor] | None = None  # the recovered masks (rank 0, not checkpointed)
+        self.seconds: float | None = None  # wall time of RNP in this process (not checkpointed)
+        self._modules: dict[str, nn.Module] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(threshold=self.threshold)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # fail before training on a model without BatchNorm
+            _batchnorms(pl_module, self.include, self.exclude)
+
+    def apply(self, model: nn.Module, dataloader: Iterable[Any]) -> dict[str, Any]:
+        """RNP on ``model`` in this process, without a Trainer; returns the report (``self.masks`` holds the masks)."""
+        payload = self._run(model, dataloader)
+        self.pruned = rnp_prune_(model, payload["masks"], self.threshold)
+        self.report = payload["report"]
+        return dict(self.report)
+
+    def _run(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        unlearned = copy.deepcopy(model)  # the user's model is untouched until the masks exist
+        with torch.enable_grad(), torch.inference_mode(False):
+            epochs, acc = rnp_unlearn(
+                unlearned,
+                loader,
+                lr=self.unlearn_lr,
+                momentum=self.unlearn_momentum,
+                weight_decay=self.unlearn_weight_decay,
+                max_epochs=self.unlearn_epochs,
+                stop_acc=self.unlearn_stop_acc,
+                clip_norm=self.unlearn_clip_norm,
+            )
+            masks = rnp_recover_masks(
+                unlearned,
+                loader,
+                lr=self.mask_lr,
+                momentum=self.mask_momentum,
+                epochs=self.mask_epochs,
+                alpha=self.alpha,
+                include=self.include,
+                exclude=self.exclude,
+            )
+        del unlearned
+        self.masks = {k: v.cpu() for k, v in masks.items()}
+        flat = torch.cat(list(self.masks.values()))
+        report = {
+            "unlearn_epochs": epochs,
+            "unlearn_acc": acc,
+            "channels": int(flat.numel()),
+            "pruned_channels": int((flat <= self.threshold).sum()),
+        }
+        self.seconds = time.perf_counter() - start
+        return {"masks": self.masks, "report": report}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_start rather than on_fit_start: the fit's training dataloader exists from here on
+        self._modules = dict(pl_module.named_modules())
+        if self.done:
+            return  # resumed: the pruned gamma are in the checkpoint, the indices in our state
+        payload: dict[str, Any] | None = None
+        if trainer.is_global_zero:
+            payload = self._run(pl_module, clean_loader(trainer, self.dataloader, type(self).__name__))
+        payload = trainer.strategy.broadcast(payload, src=0)
+        assert payload is not None
+        self.pruned = rnp_prune_(pl_module, payload["masks"], self.threshold)
+        self.report, self.done = payload["report"], True
+        log_scalars(trainer, {f"rnp/{k}": float(v) for k, v in self.report.items()})
+        if self.seconds is not None:
+            log_scalars(trainer, {"rnp/seconds": self.seconds})
+        log_histogram(trainer, "rnp/masks", torch.cat(list(payload["masks"].values())))
+        rank_zero_info(f"ReconstructiveNeuronPruning: {self.report}")
+        if not self.finetune:
+            trainer.should_stop = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self.keep_pruned:
+            return
+        with torch.no_grad():
+            for name, idx in self.pruned.items():
+                if idx.numel():
+                    weight = self._modules[name].weight
+                    weight.index_fill_(0, idx.to(weight.device, non_blocking=True), 0.0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "pruned": dict(self.pruned), "report": dict(self.report)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = state_dict.get("done", False)
+        self.pruned = dict(state_dict.get("pruned", {}))
+        self.report = dict(state_dict.get("report", {}))
