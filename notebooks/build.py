@@ -205,6 +205,73 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
             'print(f"NWC: median {nwc.median():.3g}, threshold {threshold:.3g}, max {nwc.max():.3g}")',
         ),
     ],
+    "pruning": [
+        (
+            "markdown",
+            "# Learned channel masks vs Lightning's ModelPruning\n\n"
+            "scikit-learn's digits at 16x16; a BN-CNN (conv 32-64-128, GAP, linear head) is trained dense for 15"
+            " epochs with Adam, then fine-tuned 5 more epochs while pruning a share of the channels of its three"
+            " conv/BatchNorm layers, at 30% to 80%. Lightning's `ModelPruning` (L1-structured on the convs) prunes"
+            " once after the first epoch, or gradually over the first three epochs; `LearnedMaskPruning` learns one"
+            " gate per BatchNorm channel (sigmoid with straight-through scores, or HardConcrete) and reaches the"
+            " target on a cubic schedule by 60% of the fine-tuning. The learned models are exported (channels"
+            " removed). One seed; about 5 minutes on 2 CPU cores.",
+        ),
+        (
+            "code",
+            "import logging\n"
+            "import warnings\n\n"
+            "import matplotlib.pyplot as plt\n\n"
+            "from lightning_ft.demos.pruning import METHODS, PruningDemoConfig, finetune, pretrain\n\n"
+            'warnings.filterwarnings("ignore")\n'
+            'logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)\n'
+            "config = PruningDemoConfig()\n"
+            "state = pretrain(config)\n"
+            'dense = finetune(config, state, "dense")\n'
+            "sparsities = [0.3, 0.5, 0.6, 0.7, 0.8]\n"
+            "runs = {\n"
+            "    (method, s): finetune(PruningDemoConfig(sparsity=s), state, method)\n"
+            "    for s in sparsities\n"
+            "    for method in METHODS[1:]\n"
+            "}\n"
+            "print(f\"dense fine-tuning: test accuracy {dense['acc']:.3f}\")",
+        ),
+        (
+            "code",
+            "fig, axes = plt.subplots(1, 2, figsize=(12, 4))\n"
+            "for method in METHODS[1:]:\n"
+            '    axes[0].plot(sparsities, [runs[method, s]["acc"] for s in sparsities], "o-", label=method)\n'
+            'axes[0].axhline(dense["acc"], color="gray", ls="--", label="dense")\n'
+            'axes[0].set(xlabel="channel sparsity", ylabel="test accuracy", title="accuracy after pruning")\n'
+            "axes[0].legend()\n"
+            'for method in ("learned", "learned_hc"):\n'
+            '    params = [runs[method, s]["export"]["params_after"] for s in sparsities]\n'
+            '    flops = [runs[method, s]["export"]["flops_after"] / 1e6 for s in sparsities]\n'
+            '    axes[1].plot(params, flops, "o-", label=method)\n'
+            'axes[1].set(xlabel="parameters (exported)", ylabel="MFLOPs per image", title="exported model size")\n'
+            "axes[1].legend()\n"
+            "fig.tight_layout()",
+        ),
+        (
+            "code",
+            "from IPython.display import Markdown\n\n"
+            'header = "| sparsity | " + " | ".join(METHODS[1:]) + " |\\n|---:|" + "---:|" * len(METHODS[1:])\n'
+            "rows = [\n"
+            '    f"| {s:.0%} | " + " | ".join(f"{runs[m, s][\'acc\']:.3f}" for m in METHODS[1:]) + " |"\n'
+            "    for s in sparsities\n"
+            "]\n"
+            'Markdown("\\n".join([header, *rows]))',
+        ),
+        (
+            "markdown",
+            "**Reading the plots.** One-shot magnitude pruning of the convs holds up at 30% but collapses as the"
+            " sparsity grows: the pruned conv channels still emit their BatchNorm's `beta`, and four epochs do not"
+            " repair the network. The learned masks pick the channels from the task's gradient while the sparsity"
+            " rises, and end with a model whose pruned channels are exactly zero, so the exported network is"
+            " genuinely smaller. `benchmarks/pruning.py` repeats this over seeds, on timm's `test_resnet` and on a"
+            " tiny GPT-2's MLP neurons.",
+        ),
+    ],
     "rehearsal": [
         (
             "markdown",

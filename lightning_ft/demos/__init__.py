@@ -17,6 +17,10 @@ DEMOS: dict[str, tuple[str, str]] = {
         "backdoor a digits CNN (BadNets), then vanilla fine-tuning vs TSBD stage 1 / penalty / clip on 5% clean data",
         "lightning_ft.demos.backdoor:main",
     ),
+    "pruning": (
+        "prune half the channels of a digits CNN: Lightning's ModelPruning vs learned masks (sigmoid, HardConcrete)",
+        "lightning_ft.demos.pruning:main",
+    ),
     "rehearsal": (
         "fine-tune a digits MLP on a shifted task: no rehearsal vs FLOW vs random / loss-priority / mix-cd rehearsal",
         "lightning_ft.demos.rehearsal:main",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import layer_type
 from lightning_ft.pruning.gates import find_gates, make_permanent
 
@@ -108,17 +109,31 @@ def count_flops(model: nn.Module, example_input: Any) -> int:
     counted in eval mode by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lightning_ft._internal.modules import eval_mode
-
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), counter:
-        if isinstance(example_input, dict):
-            model(**example_input)
-        elif isinstance(example_input, tuple):
-            model(*example_input)
-        else:
-            model(example_input)
+    with counter:
+        _eval_forward(model, example_input)
     return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def _eval_forward(model: nn.Module, example_input: Any) -> Tensor:
+    """The eval-mode output of ``model`` on ``example_input`` as one tensor (``logits`` of a ModelOutput)."""
+    with eval_mode(model):
+        if isinstance(example_input, dict):
+            out = model(**example_input)
+        elif isinstance(example_input, tuple):
+            out = model(*example_input)
+        else:
+            out = model(example_input)
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    first = out[0] if isinstance(out, (tuple, list)) else None
+    if isinstance(first, Tensor):
+        return first
+    raise TypeError(f"cannot compare the model's outputs of type {type(out).__name__}")
 
 
 @dataclass
@@ -168,8 +183,8 @@ def _find_chains(model: nn.Module) -> list[_Chain]:
                     chains.append(_Chain(dot + a, dot + b if _is_bn(getattr(parent, b, None)) else None, dot + c))
         for a, c in (("fc1", "fc2"), ("c_fc", "c_proj")):
             if _is_weight_layer(getattr(parent, a, None)) and _is_weight_layer(getattr(parent, c, None)):
-                norm = getattr(parent, "norm", None)
-                if norm is None or isinstance(norm, nn.Identity):
+                between = [getattr(parent, n, None) for n in ("act", "drop", "drop1", "norm")]
+                if all(_zero_preserving(m) for m in between if isinstance(m, nn.Module)):
                     chains.append(_Chain(dot + a, None, dot + c))
     return chains
 
@@ -245,7 +260,8 @@ def export(
 
     Args:
         model: a pruned model (gated, or made permanent).
-        example_input: an input for the FLOP count (tensor, tuple of args or dict of kwargs); None skips it.
+        example_input: an input for the FLOP count and the output check (tensor, tuple of args or dict of kwargs);
+            None skips both.
         chains: extra ``(producer, batchnorm or None, consumer)`` layer names whose channels may be removed, for
             chains the automatic search cannot see (e.g. a ``features`` Sequential followed by a ``fc`` attribute).
         inplace: shrink ``model`` itself instead of a deep copy.
@@ -261,8 +277,10 @@ def export(
     gated = make_permanent(model)
     report = ExportReport(params_before=params_before, params_after=params_before)
     report.flops_before = count_flops(model, example_input) if example_input is not None else None
+    reference = _eval_forward(model, example_input) if example_input is not None else None
     modules = dict(model.named_modules())
     found = _find_chains(model)
+    automatic = {c.producer: c for c in found}
     for producer, bn, consumer in chains:
         for name, ok, what in (
             (producer, _is_weight_layer, "a conv/linear layer"),
@@ -271,6 +289,14 @@ def export(
         ):
             if name is not None and (name not in modules or not ok(modules[name])):
                 raise ValueError(f"chain entry {name!r} must name {what} of the model, as (producer, bn, consumer).")
+        known = automatic.get(producer)
+        if known is not None:
+            if (known.bn, known.consumer) != (bn, consumer):
+                raise ValueError(
+                    f"chain {(producer, bn, consumer)} conflicts with the chain found in the model's structure"
+                    f" {(known.producer, known.bn, known.consumer)}; drop it from `chains`."
+                )
+            continue
         found.append(_Chain(producer, bn, consumer))
     done: set[str] = set()  # producers and BatchNorms whose channels were removed
     for chain in found:
@@ -293,5 +319,20 @@ def export(
         if n and name not in done:
             report.not_removed[name] = n
     report.params_after = count_parameters(model)
-    report.flops_after = count_flops(model, example_input) if example_input is not None else None
+    if example_input is not None and reference is not None:
+        tol = 1e-4 * float(reference.abs().max()) + 1e-5
+        try:
+            out = _eval_forward(model, example_input)
+            diff = float((out - reference).abs().max()) if out.shape == reference.shape else float("inf")
+        except RuntimeError as err:  # a shape mismatch further down the graph
+            diff, cause = float("inf"), err
+        else:
+            cause = None
+        if diff > tol:
+            raise ValueError(
+                f"the exported model's output differs from the pruned model's by {diff:.3g} (tolerance {tol:.3g}): a"
+                f" removed chain is not a plain producer -> consumer link; check `chains` ({list(chains)})."
+                + (" The model was shrunk in place." if inplace else "")
+            ) from cause
+        report.flops_after = count_flops(model, example_input)
     return model, report

@@ -17,8 +17,9 @@ Gate types:
   ``mean(sigmoid(log_alpha - beta * log(-gamma / zeta)))``.
 
 Which neurons ``M`` keeps is decided outside the gates (top-k on the scores, :func:`topk_keep_masks`), so the
-sparsity is exact. A pruned neuron still receives the straight-through gradient, so it can come back while the mask
-is being learned.
+sparsity is exact. A pruned neuron still receives the straight-through gradient ``dL/dz`` while the mask is being
+learned, so it can come back when the operation after the gate has a nonzero slope at 0 (GELU, tanh, a linear
+layer); after a ReLU that gradient is 0, the neuron's score only sees the regulariser, and its pruning is final.
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ def topk_keep_masks(
         p = s.detach().float().clone()
         keep = min(min_keep, s.numel())
         if keep:
-            p[torch.topk(p, keep).indices] = float("inf")
+            p[torch.argsort(p, descending=True, stable=True)[:keep]] = float("inf")
         protected.append(p)
     flat = torch.cat(protected)
     k = num_pruned([s.numel() for s in scores], sparsity, "global", min_keep)
