@@ -342,7 +342,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, BN-CNN, 50%; no card update")
     parser.add_argument("--skip-timing", action="store_true", help="keep the timing of the last results file")
     parser.add_argument("--skip-text", action="store_true", help="keep the text case of the last results file")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--timing-only", action="store_true", help="keep the effect of the last results file")
+    parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     _quiet()
     torch.set_num_threads(2)
@@ -353,11 +354,15 @@ def main() -> None:
     out = RESULTS / ("pruning_quick.json" if args.quick else "pruning.json")
     previous = json.loads(out.read_text()) if out.exists() else {}
     results: dict[str, Any] = {"machine": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    start = time.perf_counter()
-    results["vision_runs"] = bench_vision(archs, seeds, sparsities)
-    results["vision_summary"] = summarise(results["vision_runs"], "acc")
-    results["vision_seconds"] = time.perf_counter() - start
-    if args.skip_text:
+    if args.timing_only:
+        for key in ("vision_runs", "vision_summary", "vision_seconds", "text_runs", "text_summary"):
+            results[key] = previous[key]
+    else:
+        start = time.perf_counter()
+        results["vision_runs"] = bench_vision(archs, seeds, sparsities)
+        results["vision_summary"] = summarise(results["vision_runs"], "acc")
+        results["vision_seconds"] = time.perf_counter() - start
+    if args.skip_text or args.timing_only:
         for key in ("text_runs", "text_summary"):
             results[key] = previous.get(key, [])
     else:

@@ -101,3 +101,28 @@ def test_log_table_and_scalars_with_a_wandb_like_logger() -> None:
         }
     ]
     assert fake.metrics == [({"mem/ngram": 0.5}, 9)]
+
+
+def test_log_bar_chart_wandb_and_tensorboard(tmp_path: Path) -> None:
+    wandb = pytest.importorskip("wandb")
+    from lightning_ft._internal.logging import log_bar_chart
+
+    class Experiment:
+        def __init__(self) -> None:
+            self.logged: list[dict[str, Any]] = []
+
+        def log(self, data: dict[str, Any]) -> None:
+            self.logged.append(data)
+
+    fake = WandbLogger()
+    fake.experiment = Experiment()  # type: ignore[attr-defined]
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    trainer = SimpleNamespace(global_step=4, loggers=[fake, tb, CSVLogger(tmp_path, name="csv")])
+    log_bar_chart(trainer, "rehearsal/alpha_by_bin", ["bin 0", "bin 1"], [0.25, 0.5])  # type: ignore[arg-type]
+    (logged,) = fake.experiment.logged  # type: ignore[attr-defined]
+    assert logged["trainer/global_step"] == 4
+    chart = logged["rehearsal/alpha_by_bin"]
+    assert isinstance(chart, wandb.plot.custom_chart.CustomChart)
+    assert chart.table.data == [["bin 0", 0.25], ["bin 1", 0.5]]
+    with pytest.raises(ValueError):  # labels and values must pair up
+        log_bar_chart(trainer, "x", ["a"], [1.0, 2.0])  # type: ignore[arg-type]

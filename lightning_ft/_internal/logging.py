@@ -1,7 +1,7 @@
 """One place for logging from callbacks.
 
 Scalars go through every logger of the trainer (``log_metrics``), so W&B, TensorBoard and CSV all receive them.
-Rich artefacts (tables, histograms) go to W&B when the logger is a :class:`~lightning.pytorch.loggers.WandbLogger`;
+Rich artefacts (tables, histograms, bar charts) go to W&B when the logger is a :class:`~lightning.pytorch.loggers.WandbLogger`;
 other loggers receive a plain fallback (a markdown/text rendering for TensorBoard, nothing for CSV), never an error.
 """
 
@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["is_wandb_logger", "log_histogram", "log_scalars", "log_table"]
+__all__ = ["is_wandb_logger", "log_bar_chart", "log_histogram", "log_scalars", "log_table"]
 
 
 def is_wandb_logger(logger: object) -> bool:
@@ -70,3 +70,22 @@ def log_histogram(trainer: pl.Trainer, key: str, values: Any, step: int | None =
             logger.experiment.log({key: wandb.Histogram(values.detach().cpu().numpy()), "trainer/global_step": step})
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_histogram(key, values.detach().cpu(), global_step=step)
+
+
+@rank_zero_only
+def log_bar_chart(
+    trainer: pl.Trainer, key: str, labels: Sequence[str], values: Sequence[float], step: int | None = None
+) -> None:
+    """Log a bar chart: ``wandb.plot.bar`` for W&B, a markdown table for TensorBoard, nothing for other loggers (log
+    the values as scalars alongside for those)."""
+    step = trainer.global_step if step is None else step
+    rows = [[str(label), float(value)] for label, value in zip(labels, values, strict=True)]
+    for logger in trainer.loggers:
+        if is_wandb_logger(logger):
+            import wandb
+
+            table = wandb.Table(data=rows, columns=["label", "value"])
+            chart = wandb.plot.bar(table, "label", "value", title=key)
+            logger.experiment.log({key: chart, "trainer/global_step": step})
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(key, _markdown_table(["label", "value"], rows), global_step=step)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_ft._internal.logging import log_scalars
+from lightning_ft._internal.logging import log_bar_chart, log_scalars
 from lightning_ft.rehearsal.sampler import CollateralDamageSampler, Strategy
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 
@@ -176,7 +176,8 @@ class RehearsalFeedback(Callback):
 
     Logs ``rehearsal/cd_hit_rate`` (share of this step's rehearsed samples that were forgotten), ``rehearsal/
     replay_loss`` (their mean loss, when given) every ``log_every_n_steps``, and the per-bin rates
-    ``rehearsal/alpha_<k>`` at epoch ends. The sampler's state (rates, counts, generator) is checkpointed here.
+    ``rehearsal/alpha_<k>`` at epoch ends (and as a bar chart ``rehearsal/alpha_by_bin`` on W&B, a table on
+    TensorBoard). The sampler's state (rates, counts, generator) is checkpointed here.
 
     Args:
         log_every_n_steps: logging cadence of the per-step values.
@@ -260,8 +261,10 @@ class RehearsalFeedback(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sampler is not None and self._sampler.strategy == "mixcd":
-            alphas = {f"rehearsal/alpha_{k}": float(a) for k, a in enumerate(self._sampler.alpha)}
+            rates = [float(a) for a in self._sampler.alpha]
+            alphas = {f"rehearsal/alpha_{k}": a for k, a in enumerate(rates)}
             log_scalars(trainer, {**alphas, "rehearsal/cd_hit_rate_total": self._sampler.hit_rate})
+            log_bar_chart(trainer, "rehearsal/alpha_by_bin", [f"bin {k}" for k in range(len(rates))], rates)
 
     @override
     def state_dict(self) -> dict[str, Any]:
