@@ -1,8 +1,9 @@
 """One place for logging from callbacks.
 
 Scalars go through every logger of the trainer (``log_metrics``), so W&B, TensorBoard and CSV all receive them.
-Rich artefacts (tables, histograms, bar charts) go to W&B when the logger is a :class:`~lightning.pytorch.loggers.WandbLogger`;
-other loggers receive a plain fallback (a markdown/text rendering for TensorBoard, nothing for CSV), never an error.
+Rich artefacts (tables, histograms, bar charts) go to W&B when the logger is a
+:class:`~lightning.pytorch.loggers.WandbLogger`; other loggers receive a plain fallback (a markdown/text rendering for
+TensorBoard, nothing for CSV), never an error.
 """
 
 from __future__ import annotations
