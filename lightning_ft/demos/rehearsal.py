@@ -39,12 +39,22 @@ __all__ = [
     "pretrain",
 ]
 
-KINDS = ("no_rehearsal", "flow", "random", "random_prior_correct", "loss_priority", "mixcd", "flow_mixcd")
+KINDS = (
+    "no_rehearsal",
+    "flow",
+    "random",
+    "random_prior_correct",
+    "loss_priority",
+    "mixcd",
+    "mixcd_class",
+    "flow_mixcd",
+)
 STRATEGY_OF = {
     "random": "random",
     "random_prior_correct": "random_prior_correct",
     "loss_priority": "loss_priority",
     "mixcd": "mixcd",
+    "mixcd_class": "mixcd",  # bins of reference loss x class label
     "flow_mixcd": "mixcd",
 }
 
@@ -62,6 +72,7 @@ class RehearsalDemoConfig:
     lr: float = 0.05
     batch_size: int = 32
     replay_per_step: int = 2
+    class_bins: int = 3  # mixcd_class: reference-loss bins per class
     kinds: tuple[str, ...] = field(default_factory=lambda: KINDS)
 
     def __post_init__(self) -> None:
@@ -156,8 +167,15 @@ def finetune(config: RehearsalDemoConfig, data: dict[str, Any], state: dict[str,
     else:
         if isinstance(module, FLOWClassifier):
             module.num_finetune = len(data["task_b"])
+        groups = data["task_a"].tensors[1].tolist() if kind == "mixcd_class" else None
         mixed = RehearsalDataModule(
-            inner, data["task_a"], strategy=STRATEGY_OF[kind], replay_per_step=config.replay_per_step, seed=config.seed
+            inner,
+            data["task_a"],
+            strategy=STRATEGY_OF[kind],
+            replay_per_step=config.replay_per_step,
+            num_bins=config.class_bins if groups else 10,
+            pool_groups=groups,
+            seed=config.seed,
         )
         _trainer(config.finetune_epochs, [RehearsalFeedback()]).fit(module, mixed)
         assert mixed.sampler is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,8 +36,9 @@ class RehearsalDataModule(pl.LightningDataModule):
         datamodule: the user's fine-tuning data module (its ``train_dataloader`` gives the dataset, batch size and
             collate function).
         pool: the rehearsal pool (pretraining samples), in the same sample format.
-        strategy, replay_ratio, replay_per_step, num_bins, exclude_prior_incorrect, epsilon, alpha_min, beta, seed:
-            see :class:`~lightning_ft.rehearsal.CollateralDamageSampler`.
+        strategy, replay_ratio, replay_per_step, num_bins, pool_groups, exclude_prior_incorrect, epsilon, alpha_min,
+            beta, seed: see :class:`~lightning_ft.rehearsal.CollateralDamageSampler` (``pool_groups``, e.g. the pool's
+            labels, bins by reference loss x group).
         pool_statistics: precomputed statistics of the pool keyed by pool position (``WithSampleIds(pool)`` ids);
             None: computed at setup.
         task: ``"classification"`` or ``"causal_lm"`` for the statistics pass.
@@ -56,6 +58,7 @@ class RehearsalDataModule(pl.LightningDataModule):
         replay_ratio: float = 0.25,
         replay_per_step: int | None = None,
         num_bins: int = 10,
+        pool_groups: Sequence[int] | None = None,
         exclude_prior_incorrect: bool = True,
         epsilon: float = 0.05,
         alpha_min: float = 0.01,
@@ -74,6 +77,7 @@ class RehearsalDataModule(pl.LightningDataModule):
             "replay_ratio": replay_ratio,
             "replay_per_step": replay_per_step,
             "num_bins": num_bins,
+            "pool_groups": None if pool_groups is None else [int(g) for g in pool_groups],
             "exclude_prior_incorrect": exclude_prior_incorrect,
             "epsilon": epsilon,
             "alpha_min": alpha_min,

@@ -44,7 +44,9 @@ class CollateralDamageSampler(Sampler[list[int]]):
       probability ``pi_k = (1 - epsilon) * |B_k| max(alpha_k, alpha_min) / Z + epsilon * |B_k| / M`` and a sample
       uniformly (with replacement) inside it; ``alpha_k``, the bin's collateral-damage rate, starts at
       ``alpha_init`` (so early draws are uniform) and follows an exponential moving average (``beta``) of the
-      forgotten share of the bin's rehearsed samples reported to :meth:`update`.
+      forgotten share of the bin's rehearsed samples reported to :meth:`update`. With ``pool_groups`` (e.g. the
+      pool's class labels) every group is binned on its own, giving up to ``groups x num_bins`` bins (reference loss
+      x class): a class the fine-tuning damages more is then found and rehearsed more.
     * ``"random"``: uniform over the pool. ``"random_prior_correct"``: uniform over prior-correct samples.
       ``"loss_priority"``: the highest reference losses first, cycling through the pool in that order.
 
@@ -63,7 +65,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
         replay_ratio: share of each batch taken from the pool, ``r / (b + r)``, in [0, 1).
         replay_per_step: absolute number of pool samples per batch (overrides ``replay_ratio``).
         strategy: one of :data:`STRATEGIES`.
-        num_bins: quantile bins of reference loss (mix-cd).
+        num_bins: quantile bins of reference loss (mix-cd), per group when ``pool_groups`` is given.
+        pool_groups: an integer group of every pool sample (e.g. its class label), in pool order; None: one group.
         exclude_prior_incorrect: never rehearse prior-incorrect samples (mix-cd); False gives them their own bin.
         epsilon: share of uniform (by bin size) exploration in ``pi``, in [0, 1].
         alpha_min: floor of the rates in ``pi`` (no bin starves), >= 0.
@@ -88,6 +91,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         replay_per_step: int | None = None,
         strategy: Strategy = "mixcd",
         num_bins: int = 10,
+        pool_groups: Sequence[int] | Tensor | None = None,
         exclude_prior_incorrect: bool = True,
         epsilon: float = 0.05,
         alpha_min: float = 0.01,
@@ -124,6 +128,14 @@ class CollateralDamageSampler(Sampler[list[int]]):
             raise ValueError(f"`pool_correct` has {correct.numel()} entries for {loss.numel()} pool losses.")
         if not bool(torch.isfinite(loss).all()):
             raise ValueError("`pool_loss` has NaN or infinite values; drop those samples from the pool.")
+        groups = None
+        if pool_groups is not None:
+            groups = torch.as_tensor(pool_groups).flatten()
+            if groups.shape != loss.shape or groups.is_floating_point() or groups.dtype == torch.bool:
+                raise ValueError(
+                    f"`pool_groups` must hold one integer group per pool sample ({loss.numel()}), got"
+                    f" {groups.numel()} values of type {groups.dtype}."
+                )
         self.num_finetune, self.batch_size, self.strategy = num_finetune, batch_size, strategy
         self.replay = (
             replay_per_step if replay_per_step is not None else round(batch_size * replay_ratio / (1.0 - replay_ratio))
@@ -132,6 +144,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size = rank, world_size
         self.pool_loss, self.pool_correct = loss, correct
+        self.pool_groups = groups
         self._build_bins(num_bins, exclude_prior_incorrect)
         self.alpha = torch.full((self.num_bins,), float(alpha_init))
         self.seen = torch.zeros(self.num_bins, dtype=torch.long)  # rehearsed samples reported per bin
@@ -150,10 +163,15 @@ class CollateralDamageSampler(Sampler[list[int]]):
             if eligible.numel() == 0 and exclude_prior_incorrect:
                 raise ValueError("no pool sample is correct under the prior model: mix-cd has nothing to rehearse.")
             bins = torch.zeros(self.pool_loss.numel(), dtype=torch.long)
-            k = min(num_bins, max(1, eligible.numel()))
-            if eligible.numel():
-                edges = torch.quantile(self.pool_loss[eligible], torch.linspace(0, 1, k + 1)[1:-1])
-                bins[eligible] = torch.bucketize(self.pool_loss[eligible], edges, right=True)
+            k = 0
+            groups = self.pool_groups[eligible] if self.pool_groups is not None else torch.zeros_like(eligible)
+            for group in torch.unique(groups):  # sorted: the same bins on every rank
+                members_g = eligible[groups == group]
+                k_g = min(num_bins, members_g.numel())
+                edges = torch.quantile(self.pool_loss[members_g], torch.linspace(0, 1, k_g + 1)[1:-1])
+                bins[members_g] = k + torch.bucketize(self.pool_loss[members_g], edges, right=True)
+                k += k_g
+            k = max(k, 1)
             members = [eligible]
             if not exclude_prior_incorrect and bool((~self.pool_correct).any()):
                 bins[~self.pool_correct] = k

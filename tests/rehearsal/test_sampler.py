@@ -224,3 +224,28 @@ def test_ranks_rehearse_different_samples_with_identical_state(pool):
     a, b = (s.state_dict() for s in samplers)
     assert torch.equal(a["alpha"], b["alpha"]) and torch.equal(a["generator"], b["generator"])
     assert torch.equal(samplers[0].probabilities(), samplers[1].probabilities())
+
+
+def test_pool_groups_bin_each_group_by_loss(pool):
+    loss, correct = pool
+    groups = torch.arange(M) % 4
+    sampler = make(pool, num_bins=3, pool_groups=groups)
+    assert sampler.num_bins == 12
+    eligible = correct.nonzero().flatten()
+    bins = sampler.bin_of[eligible]
+    for k in range(12):  # every bin holds one group's samples, a third of that group's prior-correct ones
+        members = eligible[bins == k]
+        assert torch.unique(groups[members]).numel() == 1
+        group = groups[members[0]]
+        assert abs(members.numel() - int((groups[eligible] == group).sum()) / 3) <= 2
+    # inside a group, the bins are ordered by reference loss
+    g0 = eligible[groups[eligible] == 0]
+    assert loss[g0][sampler.bin_of[g0] == 0].max() <= loss[g0][sampler.bin_of[g0] == 1].min()
+    assert int(sampler.bin_sizes.sum()) == eligible.numel()
+
+
+def test_pool_groups_must_be_integers_per_pool_sample(pool):
+    with pytest.raises(ValueError, match="pool_groups"):
+        make(pool, pool_groups=torch.zeros(M - 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="pool_groups"):
+        make(pool, pool_groups=torch.rand(M))
