@@ -29,11 +29,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, write_into_card
+from _common import interleaved_step_times, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
-from lightning_ft.demos.backdoor import KINDS, BackdoorDemoConfig, _trainer, defend, evaluate_state, prepare
+from lightning_ft.demos.backdoor import KINDS, BackdoorDemoConfig, defend, evaluate_state, prepare
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
 
@@ -111,11 +111,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def bench_step_time(arch: str, epochs: int, rounds: int) -> dict:
-    """Median step time of plain / penalty / clip fits on the same model and batches, interleaved over rounds.
-
-    One thread (less scheduling noise on a shared 2-core machine); the ratio is taken per round and reported as the
-    median with its range over rounds.
-    """
+    """Median step time of plain / penalty / clip fits on the same model and batches, interleaved over rounds."""
     x, y = load_digits_tensors(16)
     loader = DataLoader(TensorDataset(x[:1280], y[:1280]), batch_size=64, shuffle=False)
     variants: dict[str, Callable[[], list[pl.Callback]]] = {
@@ -123,30 +119,8 @@ def bench_step_time(arch: str, epochs: int, rounds: int) -> dict:
         "penalty": lambda: [ActivenessAwareFineTuning(mode="penalty")],
         "clip": lambda: [ActivenessAwareFineTuning(mode="clip")],
     }
-    per_round: list[dict[str, float]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(rounds):
-            medians = {}
-            for name, make_callbacks in variants.items():
-                timer = StepTimer()
-                _trainer(epochs, [*make_callbacks(), timer]).fit(ImageClassifier(arch=arch, seed=0), loader)
-                medians[name] = statistics.median(timer.times[len(loader) :])  # the first epoch warms up
-            per_round.append(medians)
-    finally:
-        torch.set_num_threads(threads)
-    out: dict[str, Any] = {
-        "arch": arch,
-        "threads": 1,
-        "median_step_seconds": {name: statistics.median(r[name] for r in per_round) for name in variants},
-        "per_round": per_round,
-    }
-    for name in ("penalty", "clip"):
-        ratios = [r[name] / r["vanilla"] for r in per_round]
-        out[f"ratio_{name}"] = statistics.median(ratios)
-        out[f"ratio_{name}_range"] = [min(ratios), max(ratios)]
-    return out
+    timing = interleaved_step_times(variants, lambda: ImageClassifier(arch=arch, seed=0), loader, epochs, rounds)
+    return {"arch": arch, **timing}
 
 
 def _pm(entry: dict[str, Any], metric: str) -> str:
@@ -250,13 +224,7 @@ def main() -> None:
         results["timing"] = previous.get("timing", [])
     else:
         results["timing"] = [bench_step_time(arch, epochs=4, rounds=1 if args.quick else 5) for arch in archs]
-    RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str))
-    table = markdown(results)
-    print(table)
-    if not args.quick:
-        (RESULTS / "backdoor.md").write_text(table + "\n")
-        write_into_card(CARD, table)
+    print(write_results(results, out, markdown, None if args.quick else CARD))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, write_into_card
+from _common import interleaved_step_times, write_results
 from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -181,30 +181,11 @@ def bench_step_time(epochs: int, rounds: int) -> dict[str, Any]:
         "learned": lambda: [LearnedMaskPruning(sparsity=0.5, make_permanent=False)],
         "learned_hc": lambda: [LearnedMaskPruning(sparsity=0.5, gate_type="hard_concrete", make_permanent=False)],
     }
-    per_round: list[dict[str, float]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(rounds):
-            medians = {}
-            for name, make_callbacks in variants.items():
-                timer = StepTimer()
-                module = ImageClassifier(arch="bn_cnn", width=32, optimizer="adam", lr=1e-3, seed=0)
-                cpu_trainer(epochs, [*make_callbacks(), timer]).fit(module, loader)
-                medians[name] = statistics.median(timer.times[len(loader) :])  # the first epoch warms up
-            per_round.append(medians)
-    finally:
-        torch.set_num_threads(threads)
-    out: dict[str, Any] = {
-        "threads": 1,
-        "median_step_seconds": {name: statistics.median(r[name] for r in per_round) for name in variants},
-        "per_round": per_round,
-    }
-    for name in ("learned", "learned_hc"):
-        ratios = [r[name] / r["vanilla"] for r in per_round]
-        out[f"ratio_{name}"] = statistics.median(ratios)
-        out[f"ratio_{name}_range"] = [min(ratios), max(ratios)]
-    return out
+
+    def make_module() -> ImageClassifier:
+        return ImageClassifier(arch="bn_cnn", width=32, optimizer="adam", lr=1e-3, seed=0)
+
+    return interleaved_step_times(variants, make_module, loader, epochs, rounds)
 
 
 @torch.no_grad()
@@ -373,13 +354,7 @@ def main() -> None:
     else:
         results["timing"] = bench_step_time(epochs=3, rounds=1 if args.quick else 5)
         results["inference"] = bench_inference(SPARSITIES)
-    RESULTS.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str))
-    table = markdown(results)
-    print(table)
-    if not args.quick:
-        (RESULTS / "pruning.md").write_text(table + "\n")
-        write_into_card(CARD, table)
+    print(write_results(results, out, markdown, None if args.quick else CARD))
 
 
 if __name__ == "__main__":

@@ -278,7 +278,7 @@ class LearnedMaskPruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.make_permanent or not self.gated:
             return
-        if self._frozen is None:
+        if self._frozen is None and self.sparsity > 0:
             rank_zero_warn(
                 f"LearnedMaskPruning: the fit ended before the schedule reached its target sparsity {self.sparsity}"
                 f" (now {self.current_sparsity:.3f}); the current masks are made permanent."
