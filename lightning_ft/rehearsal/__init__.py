@@ -15,10 +15,12 @@ This first part holds the shared reference-statistics pass and FLOW easy-sample 
 from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
 from lightning_ft.rehearsal.functional import (
+    causal_lm_correct,
     flow_temperature,
     flow_weighted_loss,
     flow_weighted_token_loss,
     flow_weights,
+    greedy_token_accuracy,
     sequence_nll,
 )
 from lightning_ft.rehearsal.sampler import STRATEGIES, CollateralDamageSampler
@@ -34,9 +36,11 @@ __all__ = [
     "RehearsalFeedback",
     "WithSampleIds",
     "batch_sample_ids",
+    "causal_lm_correct",
     "flow_temperature",
     "flow_weighted_loss",
     "flow_weighted_token_loss",
     "flow_weights",
+    "greedy_token_accuracy",
     "sequence_nll",
 ]

@@ -10,10 +10,12 @@ from torch import Tensor
 from lightning_ft.memorisation.functional import token_logprobs
 
 __all__ = [
+    "causal_lm_correct",
     "flow_temperature",
     "flow_weighted_loss",
     "flow_weighted_token_loss",
     "flow_weights",
+    "greedy_token_accuracy",
     "sequence_nll",
 ]
 
@@ -36,6 +38,32 @@ def sequence_nll(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tu
     per_sample = token_nll.sum(1) / counts.clamp_min(1)
     per_sample = per_sample.masked_fill(counts == 0, float("nan"))
     return per_sample, token_nll, mask
+
+
+def greedy_token_accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Causal LMs: the share of each sample's supervised next tokens that the greedy (argmax) prediction gets right.
+
+    Labels as in :func:`sequence_nll` (aligned with the inputs, shifted here).
+
+    Returns:
+        ``(accuracy, supervised)``: ``(B,)`` float accuracy (0 for a sample without a supervised token) and ``(B,)``
+        bool, whether the sample has any supervised token.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"`logits` {tuple(logits.shape)} must be (B, T, V) with `labels` of shape (B, T).")
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    hits = (logits[:, :-1].argmax(-1) == targets) & mask
+    return hits.sum(1) / mask.sum(1).clamp_min(1), mask.any(1)
+
+
+def causal_lm_correct(logits: Tensor, labels: Tensor, threshold: float = 0.5, ignore_index: int = -100) -> Tensor:
+    """Causal LMs: a sample is "correct" when its :func:`greedy_token_accuracy` reaches ``threshold`` (and it has a
+    supervised token). Our reconstruction of mix-cd's correctness for generative tasks (unpublished); the same
+    predicate as :meth:`~lightning_ft.rehearsal.ReferenceStatistics.compute`, so ``training_step`` can report
+    ``correct`` for :class:`~lightning_ft.rehearsal.RehearsalFeedback` from its own logits."""
+    accuracy, supervised = greedy_token_accuracy(logits, labels, ignore_index)
+    return (accuracy >= threshold) & supervised
 
 
 def flow_temperature(ref_loss: Tensor) -> float:

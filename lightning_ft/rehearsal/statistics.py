@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from lightning_ft._internal.batches import inputs_and_labels
 from lightning_ft._internal.distributed import all_gather_rows
 from lightning_ft._internal.modules import eval_mode
-from lightning_ft.rehearsal.functional import sequence_nll
+from lightning_ft.rehearsal.functional import causal_lm_correct, sequence_nll
 
 __all__ = ["ReferenceStatistics", "WithSampleIds", "batch_sample_ids"]
 
@@ -198,9 +198,7 @@ class ReferenceStatistics:
                     per_sample, token_nll, supervised = sequence_nll(logits, labels, ignore_index)
                     losses.append(per_sample.cpu())
                     if correct_fn is None:
-                        hits = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & supervised
-                        accuracy = hits.sum(1) / supervised.sum(1).clamp_min(1)
-                        correct = (accuracy >= lm_correct_threshold) & supervised.any(1)
+                        correct = causal_lm_correct(logits, labels, lm_correct_threshold, ignore_index)
                     else:
                         correct = correct_fn(logits, batch)
                     if store_token_nll:

@@ -1,0 +1,257 @@
+"""Rehearsal on text: a tiny causal LM pre-trained on one half of the pydoc topics forgets it while fine-tuning on the
+other half; rehearsal of pre-training chunks (random or mix-cd) and FLOW weighting against plain fine-tuning.
+
+The "pretrain" topics of :func:`~lightning_ft.demos.text.pydoc_chunks` are task A, the "finetune" topics task B.
+One tiny GPT-2 is pre-trained on task A (its training chunks are the rehearsal pool), then fine-tuned on a sample of
+task B with each of :data:`TEXT_KINDS`. Retention is the mean next-token loss on held-out task-A chunks after
+fine-tuning (lower is better), next to the held-out task-B loss.
+
+mix-cd needs a per-sample "correct" for a generative model: the library's reconstruction is greedy next-token accuracy
+at or above a threshold (:func:`~lightning_ft.rehearsal.causal_lm_correct`, 0.5 by default). A tiny model reaches
+0.5 on almost no chunk, so here the threshold is the base model's median accuracy over the pool (half the pool is
+prior-correct, and a rehearsed chunk is "forgotten" when its accuracy drops below that median).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_ft.demos._common import cpu_trainer
+from lightning_ft.demos.models import CausalLMModule
+from lightning_ft.demos.text import PydocTextDataModule, TokenChunks
+from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
+from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
+from lightning_ft.rehearsal.functional import (
+    causal_lm_correct,
+    flow_weighted_token_loss,
+    greedy_token_accuracy,
+    sequence_nll,
+)
+from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
+
+__all__ = [
+    "TEXT_KINDS",
+    "RehearsalLM",
+    "RehearsalTextConfig",
+    "TextBase",
+    "base_losses",
+    "finetune_text",
+    "mean_loss",
+    "pretrain_text",
+]
+
+TEXT_KINDS = ("no_rehearsal", "random", "mixcd", "flow", "flow_mixcd")
+_STRATEGY = {"random": "random", "mixcd": "mixcd", "flow_mixcd": "mixcd"}
+
+
+@dataclass
+class RehearsalTextConfig:
+    """Every knob of the text case.
+
+    ``base_seed`` fixes the pre-trained model, its task-A split and pool (shared by every seed); ``seed`` draws the
+    task-B sample and its validation chunks, the fine-tuning order and the rehearsal draws.
+    """
+
+    seed: int = 0
+    base_seed: int = 0
+    vocab_size: int = 1024
+    seq_len: int = 64
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_val: int = 128
+    pretrain_epochs: int = 10
+    pretrain_lr: float = 2e-3
+    n_train: int = 384
+    finetune_epochs: int = 5
+    lr: float = 4e-3
+    batch_size: int = 32
+    replay_per_step: int = 4
+    correct_threshold: float | None = None  # None: the base model's median greedy accuracy over the pool
+    kinds: tuple[str, ...] = field(default_factory=lambda: TEXT_KINDS)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(TEXT_KINDS)
+        if unknown:
+            raise ValueError(f"`kinds` must be a subset of {TEXT_KINDS}, got unknown {sorted(unknown)}.")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "vocab_size": self.vocab_size,
+            "n_positions": max(128, self.seq_len),
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "dropout": 0.0,  # the per-sample "correct" of a training pass is then the eval-mode one
+        }
+
+
+class RehearsalLM(FLOWWeightedLoss, CausalLMModule):
+    """:class:`CausalLMModule` for rehearsal and FLOW: on batches with a ``sample_id`` entry, ``training_step``
+    returns ``{"loss", "per_sample": {"sample_id", "correct", "loss"}}`` for
+    :class:`~lightning_ft.rehearsal.RehearsalFeedback` (``correct``: :func:`~lightning_ft.rehearsal.causal_lm_correct`
+    at :attr:`correct_threshold`, from the logits of the training pass; ``loss``: each sample's mean token NLL).
+
+    With :attr:`flow_weighting` set, the token loss is FLOW-weighted (sequence or token level); with
+    :attr:`num_finetune` set as well (FLOW + rehearsal), samples with ids from ``num_finetune`` on are rehearsed pool
+    samples and keep weight 1. Batches without ids train with the plain token mean.
+    """
+
+    num_finetune: int | None = None
+    correct_threshold: float = 0.5
+
+    def _weights(self, ids: Tensor, per_sample: Tensor, token_nll: Tensor) -> Tensor:
+        flow = self.flow_weighting
+        weights = torch.ones_like(token_nll if flow is not None and flow.level == "token" else per_sample)
+        if flow is None:
+            return weights
+        finetune = ids < self.num_finetune if self.num_finetune is not None else torch.ones_like(ids, dtype=torch.bool)
+        weights[finetune] = flow.weights_for(ids[finetune]).to(weights.dtype)
+        return weights
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Any:
+        if "sample_id" not in batch:
+            return super().training_step(batch, batch_idx)
+        ids, labels = batch["sample_id"], batch["labels"]
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        per_sample, token_nll, mask = sequence_nll(logits, labels)
+        loss = flow_weighted_token_loss(token_nll, mask, self._weights(ids, per_sample, token_nll))
+        self.log("train_loss", loss, prog_bar=True)
+        correct = causal_lm_correct(logits.detach(), labels, self.correct_threshold)
+        return {"loss": loss, "per_sample": {"sample_id": ids, "correct": correct, "loss": per_sample.detach()}}
+
+
+# the rehearsal sampler shards the fine-tuning data itself; evaluation is done here, not by the trainer
+_trainer = partial(cpu_trainer, use_distributed_sampler=False, limit_val_batches=0)
+
+
+@dataclass
+class TextBase:
+    """The pre-trained model and what every fine-tuning run shares: its state, the task-A pool (its training chunks)
+    and held-out chunks, the pool's reference statistics and the correctness threshold."""
+
+    state: dict[str, Tensor]
+    pool: TokenChunks
+    val_a: Tensor
+    pool_statistics: ReferenceStatistics
+    correct_threshold: float
+    seconds: float
+
+
+@torch.no_grad()
+def mean_loss(module: CausalLMModule, tokens: Tensor, batch_size: int = 128) -> float:
+    """Mean next-token NLL of ``module`` over ``(N, T)`` token chunks (eval mode; restores train mode)."""
+    module.eval()
+    try:
+        losses = [sequence_nll(module(chunk), chunk)[0] for chunk in tokens.split(batch_size)]
+        return torch.cat(losses).mean().item()
+    finally:
+        module.train()
+
+
+@torch.no_grad()
+def _pool_accuracy(module: CausalLMModule, tokens: Tensor, batch_size: int = 128) -> Tensor:
+    module.eval()
+    try:
+        return torch.cat([greedy_token_accuracy(module(chunk), chunk)[0] for chunk in tokens.split(batch_size)])
+    finally:
+        module.train()
+
+
+def _module(config: RehearsalTextConfig, lr: float) -> RehearsalLM:
+    return RehearsalLM(lr=lr, seed=config.base_seed, **config.model_kwargs())
+
+
+def pretrain_text(config: RehearsalTextConfig) -> TextBase:
+    """Pre-train the tiny GPT-2 on task A (``config.base_seed``) and compute the pool's reference statistics."""
+    start = time.perf_counter()
+    pl.seed_everything(config.base_seed, verbose=False)
+    data = PydocTextDataModule(
+        config.seq_len, "pretrain", None, config.n_val, config.batch_size, config.vocab_size, config.base_seed
+    )
+    data.setup("fit")
+    assert data.train_dataset is not None and data.val_dataset is not None
+    module = _module(config, config.pretrain_lr)
+    _trainer(config.pretrain_epochs).fit(module, data)
+    pool = data.train_dataset
+    threshold = config.correct_threshold
+    if threshold is None:
+        threshold = float(_pool_accuracy(module, pool.tokens).median())
+    loader = DataLoader(WithSampleIds(pool), batch_size=128)
+    stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=threshold)
+    return TextBase(
+        state={k: v.clone() for k, v in module.state_dict().items()},
+        pool=pool,
+        val_a=data.val_dataset.tokens,
+        pool_statistics=stats,
+        correct_threshold=threshold,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def finetune_text(config: RehearsalTextConfig, base: TextBase, kind: str) -> dict[str, Any]:
+    """Fine-tune the base on a task-B sample (``config.seed``) with one of :data:`TEXT_KINDS`; returns the task-A and
+    task-B validation losses after fine-tuning (and the rehearsed chunks' forgotten share for rehearsal kinds)."""
+    if kind not in TEXT_KINDS:
+        raise ValueError(f"`kind` must be one of {TEXT_KINDS}, got {kind!r}.")
+    pl.seed_everything(config.seed, verbose=False)
+    module = _module(config, config.lr)
+    module.load_state_dict(base.state)
+    module.correct_threshold = base.correct_threshold
+    data = PydocTextDataModule(
+        config.seq_len, "finetune", config.n_train, config.n_val, config.batch_size, config.vocab_size, config.seed
+    )
+    data.setup("fit")
+    assert data.train_dataset is not None and data.val_dataset is not None
+    task_b = WithSampleIds(data.train_dataset)
+    row: dict[str, Any] = {"kind": kind, "seed": config.seed}
+    start = time.perf_counter()
+    if kind.startswith("flow"):
+        stats = ReferenceStatistics.compute(module, DataLoader(task_b, batch_size=128), task="causal_lm")
+        module.flow_weighting = FLOWWeighting(stats)  # sequence level, tau = median reference loss
+        row["tau"] = module.flow_weighting.tau
+        row["flow_mean_weight"] = float(module.flow_weighting.weights.mean())
+    if kind == "no_rehearsal":
+        _trainer(config.finetune_epochs).fit(module, data)
+    elif kind == "flow":
+        loader = DataLoader(task_b, batch_size=config.batch_size, shuffle=True)
+        _trainer(config.finetune_epochs).fit(module, loader)
+    else:
+        if module.flow_weighting is not None:  # FLOW + rehearsal: rehearsed pool chunks keep weight 1
+            module.num_finetune = len(task_b)
+        mixed = RehearsalDataModule(
+            data,
+            base.pool,
+            strategy=_STRATEGY[kind],  # type: ignore[arg-type]
+            replay_per_step=config.replay_per_step,
+            pool_statistics=base.pool_statistics,
+            task="causal_lm",
+            seed=config.seed,
+        )
+        _trainer(config.finetune_epochs, [RehearsalFeedback()]).fit(module, mixed)
+        assert mixed.sampler is not None
+        row["cd_hit_rate"] = mixed.sampler.hit_rate
+    row["seconds"] = time.perf_counter() - start
+    row["task_a_loss"] = mean_loss(module, base.val_a)
+    row["task_b_loss"] = mean_loss(module, data.val_dataset.tokens)
+    return row
+
+
+def base_losses(config: RehearsalTextConfig, base: TextBase) -> dict[str, float]:
+    """Task-A and task-B validation losses of the pre-trained model (task B: ``config.seed``'s held-out chunks)."""
+    module = _module(config, config.lr)
+    module.load_state_dict(base.state)
+    data = PydocTextDataModule(
+        config.seq_len, "finetune", config.n_train, config.n_val, config.batch_size, config.vocab_size, config.seed
+    )
+    data.setup("fit")
+    assert data.val_dataset is not None
+    return {"task_a_loss": mean_loss(module, base.val_a), "task_b_loss": mean_loss(module, data.val_dataset.tokens)}
