@@ -230,9 +230,8 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
             'dense = finetune(config, state, "dense")\n'
             "sparsities = [0.3, 0.5, 0.7, 0.8]\n"
             "runs = {\n"
-            "    (method, s): finetune(PruningDemoConfig(sparsity=s), state, method)\n"
-            "    for s in sparsities\n"
-            "    for method in METHODS[1:]\n"
+            "    (method, s): finetune(PruningDemoConfig(sparsity=s), state, method) for s in sparsities for method in"
+            " METHODS[1:]\n"
             "}\n"
             "print(f\"dense fine-tuning: test accuracy {dense['acc']:.3f}\")",
         ),
@@ -256,10 +255,8 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
             "code",
             "from IPython.display import Markdown\n\n"
             'header = "| sparsity | " + " | ".join(METHODS[1:]) + " |\\n|---:|" + "---:|" * len(METHODS[1:])\n'
-            "rows = [\n"
-            '    f"| {s:.0%} | " + " | ".join(f"{runs[m, s][\'acc\']:.3f}" for m in METHODS[1:]) + " |"\n'
-            "    for s in sparsities\n"
-            "]\n"
+            'rows = [f"| {s:.0%} | " + " | ".join(f"{runs[m, s][\'acc\']:.3f}" for m in METHODS[1:]) + " |" for s in'
+            " sparsities]\n"
             'Markdown("\\n".join([header, *rows]))',
         ),
         (
