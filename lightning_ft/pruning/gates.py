@@ -96,8 +96,9 @@ class NeuronGate(nn.Module):
         with the straight-through gradient to the scores."""
         s = self.scores
         if self.gate_type == "sigmoid":
-            z = s - s.detach() + 1.0  # forward 1, gradient dL/dz straight through to s
-        elif self.training:
+            # forward: the binary keep mask; gradient: dL/dz straight through to s, pruned neurons included
+            return s - s.detach() + (1.0 if self.mask is None else self.mask.to(s))
+        if self.training:
             u = self.noise if self.noise is not None else torch.rand_like(s)
             u = u.to(s).clamp(1e-6, 1.0 - 1e-6)
             z = torch.sigmoid((torch.log(u) - torch.log1p(-u) + s) / HC_BETA)

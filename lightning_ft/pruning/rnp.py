@@ -230,7 +230,7 @@ class ReconstructiveNeuronPruning(Callback):
         self.report: dict[str, Any] = {}
         self.masks: dict[str, Tensor] | None = None  # the recovered masks (rank 0, not checkpointed)
         self.seconds: float | None = None  # wall time of RNP in this process (not checkpointed)
-        self._modules: dict[str, nn.Module] = {}
+        self._held: list[tuple[Tensor, Tensor]] = []  # (gamma, pruned indices on its device) for keep_pruned
 
     @property
     @override
@@ -288,9 +288,9 @@ class ReconstructiveNeuronPruning(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start rather than on_fit_start: the fit's training dataloader exists from here on
-        self._modules = dict(pl_module.named_modules())
-        if self.done:
-            return  # resumed: the pruned gamma are in the checkpoint, the indices in our state
+        if self.done:  # resumed: the pruned gamma are in the checkpoint, the indices in our state
+            self._hold(pl_module)
+            return
         payload: dict[str, Any] | None = None
         if trainer.is_global_zero:
             payload = self._run(pl_module, clean_loader(trainer, self.dataloader, type(self).__name__))
@@ -298,6 +298,7 @@ class ReconstructiveNeuronPruning(Callback):
         assert payload is not None
         self.pruned = rnp_prune_(pl_module, payload["masks"], self.threshold)
         self.report, self.done = payload["report"], True
+        self._hold(pl_module)
         log_scalars(trainer, {f"rnp/{k}": float(v) for k, v in self.report.items()})
         if self.seconds is not None:
             log_scalars(trainer, {"rnp/seconds": self.seconds})
@@ -306,17 +307,20 @@ class ReconstructiveNeuronPruning(Callback):
         if not self.finetune:
             trainer.should_stop = True
 
+    def _hold(self, pl_module: nn.Module) -> None:
+        """The pruned gamma and their indices, moved to the model's device once (not at every step)."""
+        modules = dict(pl_module.named_modules())
+        weights = {name: modules[name].weight for name, idx in self.pruned.items() if idx.numel()}
+        self._held = [(weight, self.pruned[name].to(weight.device)) for name, weight in weights.items()]
+
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self.keep_pruned:
-            return
-        with torch.no_grad():
-            for name, idx in self.pruned.items():
-                if idx.numel():
-                    weight = self._modules[name].weight
-                    weight.index_fill_(0, idx.to(weight.device, non_blocking=True), 0.0)
+        if self.keep_pruned:
+            with torch.no_grad():
+                for weight, idx in self._held:
+                    weight.index_fill_(0, idx, 0.0)
 
     @override
     def state_dict(self) -> dict[str, Any]:
