@@ -102,3 +102,9 @@ def write_results(
         out.with_suffix(".md").write_text(table + "\n")
         write_into_card(card, table)
     return table
+
+
+def put_mean_std(entry: dict[str, Any], metric: str, values: list[float]) -> None:
+    """``entry[metric]``: the mean of ``values``; ``entry[metric + "_std"]``: their sample std (0 for one value)."""
+    entry[metric] = statistics.fmean(values)
+    entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import interleaved_step_times, write_results
+from _common import interleaved_step_times, put_mean_std, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
@@ -100,9 +100,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (arch, attack, kind), rows in sorted(groups.items(), key=lambda kv: [order.get(k, 99) for k in kv[0]]):
         entry: dict[str, Any] = {"arch": arch, "attack": attack, "kind": kind, "n": len(rows)}
         for metric in METRICS:
-            values = [r[metric] for r in rows]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            put_mean_std(entry, metric, [r[metric] for r in rows])
         stage1 = [r["stage1_seconds"] for r in rows if r.get("stage1_seconds") is not None]
         entry["stage1_seconds"] = statistics.fmean(stage1) if stage1 else None
         entry["seconds"] = statistics.fmean(r["seconds"] for r in rows)

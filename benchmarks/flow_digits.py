@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import paired_ci
+from _common import paired_ci, put_mean_std
 from torch import Tensor, nn
 
 from lightning_ft.demos.digits import load_digits_tensors
@@ -84,10 +84,8 @@ def run(shift: int, seeds: int) -> dict:
     for variant in VARIANTS:
         entry = {}
         for metric in ("a", "b"):
-            values = [r[variant][metric] for r in rows]
             mean, low, high = paired_ci([r[variant][metric] - r["plain"][metric] for r in rows])
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            put_mean_std(entry, metric, [r[variant][metric] for r in rows])
             entry[f"{metric}_diff"] = mean
             entry[f"{metric}_diff_ci"] = [low, high]
         summary[variant] = entry

@@ -31,10 +31,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import interleaved_step_times, write_results
+from _common import interleaved_step_times, put_mean_std, write_results
 from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_ft._internal.modules import eval_mode
 from lightning_ft.demos._common import cpu_trainer
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.models import CausalLMModule
@@ -79,11 +80,8 @@ def _lm_data(domain: str, n_train: int | None) -> PydocTextDataModule:
 
 @torch.no_grad()
 def _perplexity(module: torch.nn.Module, data: PydocTextDataModule) -> float:
-    module.eval()
-    losses = []
-    for batch in data.val_dataloader():
-        losses.append(float(module(input_ids=batch["input_ids"], labels=batch["labels"]).loss))
-    module.train()
+    with eval_mode(module):
+        losses = [float(module(input_ids=b["input_ids"], labels=b["labels"]).loss) for b in data.val_dataloader()]
     return math.exp(statistics.fmean(losses))
 
 
@@ -157,10 +155,8 @@ def summarise(runs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
         groups.setdefault((row["arch"], row["sparsity"], row["method"]), []).append(row)
     out = []
     for (arch, sparsity, method), rows in groups.items():
-        values = [r[metric] for r in rows]
         entry: dict[str, Any] = {"arch": arch, "sparsity": sparsity, "method": method, "n": len(rows)}
-        entry[metric] = statistics.fmean(values)
-        entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        put_mean_std(entry, metric, [r[metric] for r in rows])
         exports = [r["export"] for r in rows if r.get("export")]
         if exports:
             entry["param_reduction"] = statistics.fmean(e["param_reduction"] for e in exports)

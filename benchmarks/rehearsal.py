@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, paired_ci, write_into_card
+from _common import StepTimer, paired_ci, put_mean_std, write_into_card
 
 from lightning_ft.demos.rehearsal import RehearsalDemoConfig, _data, _trainer, finetune, pretrain
 from lightning_ft.demos.rehearsal_text import RehearsalTextConfig, base_losses, finetune_text, pretrain_text
@@ -78,9 +78,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         seeds = sorted(rows)
         entry: dict[str, Any] = {"kind": kind, "budget": budget, "n": len(seeds)}
         for metric in ("task_a", "task_b"):
-            values = [rows[s][metric] for s in seeds]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            put_mean_std(entry, metric, [rows[s][metric] for s in seeds])
         hits = [rows[s]["cd_hit_rate"] for s in seeds if "cd_hit_rate" in rows[s]]
         entry["cd_hit_rate"] = statistics.fmean(hits) if hits else None
         reference = by_key.get(("random", budget)) if budget else None
@@ -131,9 +129,7 @@ def summarise_text(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         seeds = sorted(rows)
         entry: dict[str, Any] = {"kind": kind, "n": len(seeds)}
         for metric in ("task_a_loss", "task_b_loss"):
-            values = [rows[s][metric] for s in seeds]
-            entry[metric] = statistics.fmean(values)
-            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            put_mean_std(entry, metric, [rows[s][metric] for s in seeds])
         hits = [rows[s]["cd_hit_rate"] for s in seeds if "cd_hit_rate" in rows[s]]
         entry["cd_hit_rate"] = statistics.fmean(hits) if hits else None
         for name, reference in (("plain", plain), ("random", random)):

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
+from lightning_ft._internal.modules import eval_mode
 from lightning_ft.demos._common import cpu_trainer, prepare_demo_process
 from lightning_ft.demos.digits import DigitsDataModule
 from lightning_ft.demos.vision import ImageClassifier
@@ -96,13 +97,13 @@ def _extra_chains(arch: str) -> list[tuple[str, str, str]]:
 
 @torch.no_grad()
 def accuracy(module: nn.Module, loader: Any) -> float:
-    was_training = module.training
-    module.eval()
+    """Eval-mode accuracy over ``(x, y)`` batches; each submodule's mode is restored (Lightning keeps a module's eval
+    mode through a later fit())."""
     correct = total = 0
-    for x, y in loader:
-        correct += int((module(x).argmax(-1) == y).sum())
-        total += int(y.numel())
-    module.train(was_training)  # Lightning keeps a module's eval mode through a later fit(): hand back train mode
+    with eval_mode(module):
+        for x, y in loader:
+            correct += int((module(x).argmax(-1) == y).sum())
+            total += int(y.numel())
     return correct / total
 
 

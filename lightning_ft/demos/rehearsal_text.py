@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_ft._internal.modules import eval_mode
 from lightning_ft.demos._common import cpu_trainer
 from lightning_ft.demos.models import CausalLMModule
 from lightning_ft.demos.text import PydocTextDataModule, TokenChunks
@@ -148,22 +149,41 @@ class TextBase:
 
 @torch.no_grad()
 def mean_loss(module: CausalLMModule, tokens: Tensor, batch_size: int = 128) -> float:
-    """Mean next-token NLL of ``module`` over ``(N, T)`` token chunks (eval mode; restores train mode)."""
-    module.eval()
-    try:
-        losses = [sequence_nll(module(chunk), chunk)[0] for chunk in tokens.split(batch_size)]
-        return torch.cat(losses).mean().item()
-    finally:
-        module.train()
+    """Mean next-token NLL of ``module`` over ``(N, T)`` token chunks (eval mode; each submodule's mode restored)."""
+    with eval_mode(module):
+        return torch.cat([sequence_nll(module(chunk), chunk)[0] for chunk in tokens.split(batch_size)]).mean().item()
 
 
 @torch.no_grad()
-def _pool_accuracy(module: CausalLMModule, tokens: Tensor, batch_size: int = 128) -> Tensor:
-    module.eval()
-    try:
-        return torch.cat([greedy_token_accuracy(module(chunk), chunk)[0] for chunk in tokens.split(batch_size)])
-    finally:
-        module.train()
+def _pool_statistics(
+    module: CausalLMModule, pool: TokenChunks, threshold: float | None, batch_size: int = 128
+) -> tuple[ReferenceStatistics, float]:
+    """One eval pass over the pool: each chunk's mean NLL and greedy accuracy; "correct" is accuracy >= ``threshold``
+    (None: the median accuracy), as :func:`causal_lm_correct` (every chunk is fully supervised)."""
+    losses, accuracies = [], []
+    with eval_mode(module):
+        for chunk in pool.tokens.split(batch_size):
+            logits = module(chunk)
+            losses.append(sequence_nll(logits, chunk)[0])
+            accuracies.append(greedy_token_accuracy(logits, chunk)[0])
+    accuracy = torch.cat(accuracies)
+    threshold = float(accuracy.median()) if threshold is None else threshold
+    ids = torch.arange(accuracy.numel())  # WithSampleIds(pool) ids: the pool positions
+    return ReferenceStatistics(ids, torch.cat(losses).float(), accuracy >= threshold), threshold
+
+
+def _task_b(config: RehearsalTextConfig) -> PydocTextDataModule:
+    data = PydocTextDataModule(
+        seq_len=config.seq_len,
+        domain="finetune",
+        n_train=config.n_train,
+        n_val=config.n_val,
+        batch_size=config.batch_size,
+        vocab_size=config.vocab_size,
+        seed=config.seed,
+    )
+    data.setup("fit")
+    return data
 
 
 def _module(config: RehearsalTextConfig, lr: float) -> RehearsalLM:
@@ -175,18 +195,20 @@ def pretrain_text(config: RehearsalTextConfig) -> TextBase:
     start = time.perf_counter()
     pl.seed_everything(config.base_seed, verbose=False)
     data = PydocTextDataModule(
-        config.seq_len, "pretrain", None, config.n_val, config.batch_size, config.vocab_size, config.base_seed
+        seq_len=config.seq_len,
+        domain="pretrain",
+        n_train=None,
+        n_val=config.n_val,
+        batch_size=config.batch_size,
+        vocab_size=config.vocab_size,
+        seed=config.base_seed,
     )
     data.setup("fit")
     assert data.train_dataset is not None and data.val_dataset is not None
     module = _module(config, config.pretrain_lr)
     _trainer(config.pretrain_epochs).fit(module, data)
     pool = data.train_dataset
-    threshold = config.correct_threshold
-    if threshold is None:
-        threshold = float(_pool_accuracy(module, pool.tokens).median())
-    loader = DataLoader(WithSampleIds(pool), batch_size=128)
-    stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=threshold)
+    stats, threshold = _pool_statistics(module, pool, config.correct_threshold)
     return TextBase(
         state={k: v.clone() for k, v in module.state_dict().items()},
         pool=pool,
@@ -206,10 +228,7 @@ def finetune_text(config: RehearsalTextConfig, base: TextBase, kind: str) -> dic
     module = _module(config, config.lr)
     module.load_state_dict(base.state)
     module.correct_threshold = base.correct_threshold
-    data = PydocTextDataModule(
-        config.seq_len, "finetune", config.n_train, config.n_val, config.batch_size, config.vocab_size, config.seed
-    )
-    data.setup("fit")
+    data = _task_b(config)
     assert data.train_dataset is not None and data.val_dataset is not None
     task_b = WithSampleIds(data.train_dataset)
     row: dict[str, Any] = {"kind": kind, "seed": config.seed}
@@ -249,9 +268,6 @@ def base_losses(config: RehearsalTextConfig, base: TextBase) -> dict[str, float]
     """Task-A and task-B validation losses of the pre-trained model (task B: ``config.seed``'s held-out chunks)."""
     module = _module(config, config.lr)
     module.load_state_dict(base.state)
-    data = PydocTextDataModule(
-        config.seq_len, "finetune", config.n_train, config.n_val, config.batch_size, config.vocab_size, config.seed
-    )
-    data.setup("fit")
+    data = _task_b(config)
     assert data.val_dataset is not None
     return {"task_a_loss": mean_loss(module, base.val_a), "task_b_loss": mean_loss(module, data.val_dataset.tokens)}
