@@ -33,7 +33,7 @@ from lightning_ft.demos._common import cpu_trainer, prepare_demo_process
 from lightning_ft.demos.digits import DigitsDataModule
 from lightning_ft.demos.vision import ImageClassifier
 from lightning_ft.pruning import LearnedMaskPruning, count_parameters, export
-from lightning_ft.pruning.export import _find_chains
+from lightning_ft.pruning.export import find_chains
 from lightning_ft.pruning.schedule import cubic_sparsity
 
 __all__ = ["METHODS", "PruningDemoConfig", "finetune", "main", "pretrain", "prunable_layers"]
@@ -87,7 +87,7 @@ def prunable_layers(module: nn.Module, arch: str) -> list[tuple[str, str]]:
     import re
 
     patterns = [re.compile(p) for p in GATED[arch]]
-    chains = [(c.producer, c.bn) for c in _find_chains(module)] + [(a, b) for a, b, _ in _extra_chains(arch)]
+    chains = [(c.producer, c.bn) for c in find_chains(module)] + [(a, b) for a, b, _ in _extra_chains(arch)]
     return sorted({(conv, bn) for conv, bn in chains if bn and any(p.search(bn) for p in patterns)})
 
 

@@ -7,7 +7,7 @@
 """
 
 from lightning_ft.pruning.callbacks import LearnedMaskPruning
-from lightning_ft.pruning.export import ExportReport, count_flops, count_parameters, export
+from lightning_ft.pruning.export import Chain, ExportReport, count_flops, count_parameters, export, find_chains
 from lightning_ft.pruning.gates import (
     GATE_TYPES,
     GatedLayer,
@@ -25,6 +25,7 @@ from lightning_ft.pruning.schedule import cubic_sparsity
 
 __all__ = [
     "GATE_TYPES",
+    "Chain",
     "ExportReport",
     "GatedLayer",
     "LearnedMaskPruning",
@@ -35,6 +36,7 @@ __all__ = [
     "count_parameters",
     "cubic_sparsity",
     "export",
+    "find_chains",
     "find_gates",
     "gate_penalty_grad",
     "make_permanent",

@@ -27,7 +27,7 @@ from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import layer_type
 from lightning_ft.pruning.gates import find_gates, make_permanent
 
-__all__ = ["ExportReport", "count_flops", "count_parameters", "export"]
+__all__ = ["Chain", "ExportReport", "count_flops", "count_parameters", "export", "find_chains"]
 
 _ZERO_PRESERVING = (
     nn.ReLU,
@@ -137,7 +137,9 @@ def _eval_forward(model: nn.Module, example_input: Any) -> Tensor:
 
 
 @dataclass
-class _Chain:
+class Chain:
+    """A producer layer whose output channels feed only ``consumer`` (through ``bn`` and zero-preserving ops)."""
+
     producer: str
     bn: str | None
     consumer: str
@@ -160,7 +162,9 @@ def _is_weight_layer(module: nn.Module | None) -> bool:
     return getattr(module, "groups", 1) == 1  # grouped/depthwise convs couple channels: left alone
 
 
-def _find_chains(model: nn.Module) -> list[_Chain]:
+def find_chains(model: nn.Module) -> list[Chain]:
+    """The ``(producer, batchnorm or None, consumer)`` chains :func:`export` finds in ``model``'s structure (before
+    the ``chains`` a caller adds): the channels it may remove."""
     chains = []
     for prefix, parent in model.named_modules():
         dot = f"{prefix}." if prefix else ""
@@ -175,17 +179,17 @@ def _find_chains(model: nn.Module) -> list[_Chain]:
                 while j < len(children) and _zero_preserving(children[j][1]):
                     j += 1
                 if j < len(children) and _is_weight_layer(children[j][1]):
-                    chains.append(_Chain(dot + name, dot + bn if bn else None, dot + children[j][0]))
+                    chains.append(Chain(dot + name, dot + bn if bn else None, dot + children[j][0]))
         for a, b, c, act in (("conv1", "bn1", "conv2", "act1"), ("conv2", "bn2", "conv3", "act2")):
             if _is_weight_layer(getattr(parent, a, None)) and _is_weight_layer(getattr(parent, c, None)):
                 between = [getattr(parent, n, None) for n in (act, "aa", "drop_block")]
                 if all(m is None or _zero_preserving(m) for m in between if isinstance(m, nn.Module)):
-                    chains.append(_Chain(dot + a, dot + b if _is_bn(getattr(parent, b, None)) else None, dot + c))
+                    chains.append(Chain(dot + a, dot + b if _is_bn(getattr(parent, b, None)) else None, dot + c))
         for a, c in (("fc1", "fc2"), ("c_fc", "c_proj")):
             if _is_weight_layer(getattr(parent, a, None)) and _is_weight_layer(getattr(parent, c, None)):
                 between = [getattr(parent, n, None) for n in ("act", "drop", "drop1", "norm")]
                 if all(_zero_preserving(m) for m in between if isinstance(m, nn.Module)):
-                    chains.append(_Chain(dot + a, None, dot + c))
+                    chains.append(Chain(dot + a, None, dot + c))
     return chains
 
 
@@ -279,7 +283,7 @@ def export(
     report.flops_before = count_flops(model, example_input) if example_input is not None else None
     reference = _eval_forward(model, example_input) if example_input is not None else None
     modules = dict(model.named_modules())
-    found = _find_chains(model)
+    found = find_chains(model)
     automatic = {c.producer: c for c in found}
     for producer, bn, consumer in chains:
         for name, ok, what in (
@@ -297,7 +301,7 @@ def export(
                     f" {(known.producer, known.bn, known.consumer)}; drop it from `chains`."
                 )
             continue
-        found.append(_Chain(producer, bn, consumer))
+        found.append(Chain(producer, bn, consumer))
     done: set[str] = set()  # producers and BatchNorms whose channels were removed
     for chain in found:
         if chain.producer in done:
