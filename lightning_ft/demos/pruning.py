@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -84,8 +85,6 @@ def pretrain(config: PruningDemoConfig) -> dict[str, torch.Tensor]:
 
 def prunable_layers(module: nn.Module, arch: str) -> list[tuple[str, str]]:
     """``(conv, batchnorm)`` names of the channels both methods prune."""
-    import re
-
     patterns = [re.compile(p) for p in GATED[arch]]
     chains = [(c.producer, c.bn) for c in find_chains(module)] + [(a, b) for a, b, _ in _extra_chains(arch)]
     return sorted({(conv, bn) for conv, bn in chains if bn and any(p.search(bn) for p in patterns)})
