@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +17,41 @@ from lightning_ft.rehearsal.sampler import CollateralDamageSampler, Strategy
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 
 __all__ = ["RehearsalDataModule", "RehearsalFeedback"]
+
+
+class _ReplayTransformed(Dataset):
+    """``dataset`` with ``transform`` applied to the input of every sample: the first element of a tuple or list
+    sample, the whole sample otherwise (a mapping, so the transform picks its own keys)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any]) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.dataset[index]
+        if isinstance(sample, (tuple, list)) and sample:
+            return type(sample)([self.transform(sample[0]), *sample[1:]])
+        return self.transform(sample)
+
+
+def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> int:
+    """The number of sampler batches in the whole fit, from the Trainer's limits (a replay schedule runs over it)."""
+    limit = trainer.limit_train_batches
+    if limit is not None:
+        per_epoch = min(per_epoch, int(limit)) if isinstance(limit, int) else int(per_epoch * float(limit))
+    totals = []
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        totals.append(trainer.max_epochs * per_epoch)
+    if trainer.max_steps >= 0:
+        totals.append(trainer.max_steps * trainer.accumulate_grad_batches)
+    if not totals:
+        raise ValueError(
+            "`replay_schedule` runs over the whole fit, which has no end here: give the Trainer max_epochs or"
+            " max_steps."
+        )
+    return max(1, min(totals))
 
 
 class RehearsalDataModule(pl.LightningDataModule):
@@ -36,9 +71,13 @@ class RehearsalDataModule(pl.LightningDataModule):
         datamodule: the user's fine-tuning data module (its ``train_dataloader`` gives the dataset, batch size and
             collate function).
         pool: the rehearsal pool (pretraining samples), in the same sample format.
-        strategy, replay_ratio, replay_per_step, num_bins, pool_groups, exclude_prior_incorrect, epsilon, alpha_min,
-            beta, seed: see :class:`~lightning_ft.rehearsal.CollateralDamageSampler` (``pool_groups``, e.g. the pool's
-            labels, bins by reference loss x group).
+        strategy, replay_ratio, replay_per_step, replay_schedule, num_bins, pool_groups, exclude_prior_incorrect,
+            epsilon, alpha_min, beta, seed: see :class:`~lightning_ft.rehearsal.CollateralDamageSampler`
+            (``pool_groups``, e.g. the pool's labels, bins by reference loss x group; ``replay_schedule``'s progress
+            runs over the fit's batches, from the Trainer's ``max_epochs`` / ``max_steps`` / ``limit_train_batches``).
+        replay_transform: applied to every rehearsed pool sample when it is loaded for training (e.g. an
+            augmentation only the replay data gets): to the first element of a tuple sample (the input), to the whole
+            sample otherwise (a mapping). The pool's reference statistics are computed without it.
         pool_statistics: precomputed statistics of the pool keyed by pool position (``WithSampleIds(pool)`` ids);
             None: computed at setup.
         task: ``"classification"`` or ``"causal_lm"`` for the statistics pass.
@@ -57,6 +96,7 @@ class RehearsalDataModule(pl.LightningDataModule):
         strategy: Strategy = "mixcd",
         replay_ratio: float = 0.25,
         replay_per_step: int | None = None,
+        replay_schedule: Sequence[Sequence[float]] | None = None,
         num_bins: int = 10,
         pool_groups: Sequence[int] | None = None,
         exclude_prior_incorrect: bool = True,
@@ -67,15 +107,19 @@ class RehearsalDataModule(pl.LightningDataModule):
         pool_statistics: ReferenceStatistics | None = None,
         task: str = "classification",
         statistics_batch_size: int = 256,
+        replay_transform: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         if len(pool) == 0:  # type: ignore[arg-type]
             raise ValueError("the rehearsal pool is empty: pass the pretraining samples to rehearse.")
-        self.datamodule, self.pool = datamodule, pool
+        if replay_transform is not None and not callable(replay_transform):
+            raise ValueError(f"`replay_transform` must be callable (sample input -> input), got {replay_transform!r}.")
+        self.datamodule, self.pool, self.replay_transform = datamodule, pool, replay_transform
         self.sampler_kwargs: dict[str, Any] = {
             "strategy": strategy,
             "replay_ratio": replay_ratio,
             "replay_per_step": replay_per_step,
+            "replay_schedule": None if replay_schedule is None else [list(point) for point in replay_schedule],
             "num_bins": num_bins,
             "pool_groups": None if pool_groups is None else [int(g) for g in pool_groups],
             "exclude_prior_incorrect": exclude_prior_incorrect,
@@ -146,6 +190,12 @@ class RehearsalDataModule(pl.LightningDataModule):
             )
         finetune = inner.dataset
         n = len(finetune)  # type: ignore[arg-type]
+        schedule_batches = None
+        if self.sampler_kwargs["replay_schedule"] is not None:
+            if trainer is None:
+                raise ValueError("`replay_schedule` runs over the fit's batches: use the data module in a Trainer.")
+            per_epoch = CollateralDamageSampler.num_batches(n, inner.batch_size, world_size, inner.drop_last)
+            schedule_batches = _schedule_batches(trainer, per_epoch)
         stats = self._statistics(inner.collate_fn)
         pos = stats.positions(torch.arange(len(self.pool)))  # type: ignore[arg-type]
         self.sampler = CollateralDamageSampler(
@@ -156,9 +206,11 @@ class RehearsalDataModule(pl.LightningDataModule):
             drop_last=inner.drop_last,
             rank=rank,
             world_size=world_size,
+            schedule_batches=schedule_batches,
             **self.sampler_kwargs,
         )
-        data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(self.pool, offset=n)])
+        pool = self.pool if self.replay_transform is None else _ReplayTransformed(self.pool, self.replay_transform)
+        data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(pool, offset=n)])
         return DataLoader(
             data,
             batch_sampler=self.sampler,

@@ -10,6 +10,8 @@ and code were not available); see the method card.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -50,11 +52,17 @@ class CollateralDamageSampler(Sampler[list[int]]):
     * ``"random"``: uniform over the pool. ``"random_prior_correct"``: uniform over prior-correct samples.
       ``"loss_priority"``: the highest reference losses first, cycling through the pool in that order.
 
+    ``replay_schedule`` changes the replay share during training: piecewise-linear points ``(progress, ratio)`` with
+    progress in [0, 1] the share of ``schedule_batches`` drawn so far (``epoch * len(self) + batch``), e.g.
+    ``[(0.0, 0.25), (1.0, 0.05)]`` decays the share from 25% to 5% of each batch. The count of a batch follows from
+    its index alone, so every rank, and a resumed run, draws the same count.
+
     Under DDP every rank builds the sampler with its ``rank`` and ``world_size`` (set
     ``Trainer(use_distributed_sampler=False)``): the fine-tuning indices are shuffled identically on every rank
-    (``seed + epoch``) and sharded ``rank::world_size``; the replay stream is shared (each rank keeps its slice of
-    every step's draws), and feeding every rank the same all-gathered updates keeps ``alpha`` (hence ``pi``) and the
-    whole sampler state identical across ranks. ``state_dict`` holds the epoch, the
+    (``seed + epoch``), padded by repeating the first ones to a multiple of ``world_size`` (as ``DistributedSampler``
+    does, so every rank runs the same number of steps) and sharded ``rank::world_size``; the replay stream is shared
+    (each rank keeps its slice of every step's draws), and feeding every rank the same all-gathered updates keeps
+    ``alpha`` (hence ``pi``) and the whole sampler state identical across ranks. ``state_dict`` holds the epoch, the
     rates, the counts and the generator state, so a sampler restored at an epoch boundary draws the same stream.
 
     Args:
@@ -64,6 +72,11 @@ class CollateralDamageSampler(Sampler[list[int]]):
         batch_size: fine-tuning samples per batch (per rank).
         replay_ratio: share of each batch taken from the pool, ``r / (b + r)``, in [0, 1).
         replay_per_step: absolute number of pool samples per batch (overrides ``replay_ratio``).
+        replay_schedule: ``(progress, ratio)`` points of a piecewise-linear replay share (overrides ``replay_ratio``;
+            not with ``replay_per_step``); progress in [0, 1] and non-decreasing, ratios in [0, 1); the share is held
+            constant before the first point and after the last.
+        schedule_batches: the number of batches the schedule's progress runs over (the whole fit:
+            :class:`RehearsalDataModule` sets it from the Trainer's ``max_epochs`` / ``max_steps``).
         strategy: one of :data:`STRATEGIES`.
         num_bins: quantile bins of reference loss (mix-cd), per group when ``pool_groups`` is given.
         pool_groups: an integer group of every pool sample (e.g. its class label), in pool order; None: one group.
@@ -89,6 +102,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
         batch_size: int,
         replay_ratio: float = 0.25,
         replay_per_step: int | None = None,
+        replay_schedule: Sequence[Sequence[float]] | None = None,
+        schedule_batches: int | None = None,
         strategy: Strategy = "mixcd",
         num_bins: int = 10,
         pool_groups: Sequence[int] | Tensor | None = None,
@@ -114,6 +129,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         if strategy not in STRATEGIES:
             raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
         _unit_interval("replay_ratio", replay_ratio)
+        schedule = self._check_schedule(replay_schedule, replay_per_step, schedule_batches)
         _unit_interval("epsilon", epsilon, closed_right=True)
         _unit_interval("alpha_init", alpha_init, closed_right=True)
         if not 0.0 < beta <= 1.0:
@@ -137,9 +153,11 @@ class CollateralDamageSampler(Sampler[list[int]]):
                     f" {groups.numel()} values of type {groups.dtype}."
                 )
         self.num_finetune, self.batch_size, self.strategy = num_finetune, batch_size, strategy
-        self.replay = (
-            replay_per_step if replay_per_step is not None else round(batch_size * replay_ratio / (1.0 - replay_ratio))
-        )
+        self.replay_schedule, self.schedule_batches = schedule, schedule_batches
+        if replay_per_step is not None:
+            self.replay = replay_per_step
+        else:
+            self.replay = self._count(schedule[0][1] if schedule else replay_ratio)
         self.epsilon, self.alpha_min, self.beta = float(epsilon), float(alpha_min), float(beta)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size = rank, world_size
@@ -154,6 +172,50 @@ class CollateralDamageSampler(Sampler[list[int]]):
         # one stream on every rank: each step draws world_size * replay samples and a rank keeps its own slice, so the
         # ranks rehearse different samples while their sampler states stay identical
         self._generator = torch.Generator().manual_seed(self._mix(seed, 1_000_003))
+
+    # ----------------------------------------------------------------------------------------------------- budget
+    @staticmethod
+    def _check_schedule(
+        schedule: Sequence[Sequence[float]] | None, replay_per_step: int | None, schedule_batches: int | None
+    ) -> list[tuple[float, float]] | None:
+        if schedule is None:
+            return None
+        if replay_per_step is not None:
+            raise ValueError("pass either `replay_per_step` or `replay_schedule`, not both.")
+        check_int("schedule_batches", schedule_batches)
+        try:
+            points = [(float(p), float(r)) for p, r in schedule]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`replay_schedule` must be a list of (progress, ratio) pairs, e.g. [[0.0, 0.25], [1.0, 0.05]]; got"
+                f" {schedule!r}."
+            ) from None
+        if not points:
+            raise ValueError("`replay_schedule` is empty: give at least one (progress, ratio) point, or None.")
+        for progress, ratio in points:
+            _unit_interval("replay_schedule progress", progress, closed_right=True)
+            _unit_interval("replay_schedule ratio", ratio)
+        if any(b[0] < a[0] for a, b in itertools.pairwise(points)):
+            raise ValueError(f"`replay_schedule` progress must be non-decreasing, got {[p for p, _ in points]}.")
+        return points
+
+    def _count(self, ratio: float) -> int:
+        return round(self.batch_size * ratio / (1.0 - ratio))
+
+    def replay_count(self, batch: int) -> int:
+        """Pool samples in the fit's ``batch``-th batch (counted over epochs: ``epoch * len(self) + index``)."""
+        if self.replay_schedule is None:
+            return self.replay
+        assert self.schedule_batches is not None
+        progress = min(batch / self.schedule_batches, 1.0)
+        points = self.replay_schedule
+        i = bisect.bisect_right([p for p, _ in points], progress)
+        if i == 0:
+            return self._count(points[0][1])
+        if i == len(points):
+            return self._count(points[-1][1])
+        (p0, r0), (p1, r1) = points[i - 1], points[i]
+        return self._count(r0 + (r1 - r0) * (progress - p0) / (p1 - p0))
 
     # ----------------------------------------------------------------------------------------------------- bins
     def _build_bins(self, num_bins: int, exclude_prior_incorrect: bool) -> None:
@@ -264,21 +326,29 @@ class CollateralDamageSampler(Sampler[list[int]]):
             order = torch.randperm(self.num_finetune, generator=gen)
         else:
             order = torch.arange(self.num_finetune)
+        padding = -self.num_finetune % self.world_size  # equal shards: every rank runs the same number of steps
+        if padding:
+            order = torch.cat([order, order.repeat(math.ceil(padding / self.num_finetune))[:padding]])
         return order[self.rank :: self.world_size]
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch start; the fine-tuning order depends on it."""
         self.epoch = int(epoch)
 
+    @staticmethod
+    def num_batches(num_finetune: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+        """Batches per epoch on every rank (the shards are padded to equal size)."""
+        shard = math.ceil(num_finetune / world_size)
+        return shard // batch_size if drop_last else math.ceil(shard / batch_size)
+
     def __len__(self) -> int:
-        shard = len(range(self.rank, self.num_finetune, self.world_size))
-        return shard // self.batch_size if self.drop_last else math.ceil(shard / self.batch_size)
+        return self.num_batches(self.num_finetune, self.batch_size, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
-        shard = self._shard()
+        shard, start = self._shard(), self.epoch * len(self)
         for i in range(len(self)):
             finetune = shard[i * self.batch_size : (i + 1) * self.batch_size]
-            replay = self.draw() + self.num_finetune
+            replay = self.draw(self.replay_count(start + i)) + self.num_finetune
             yield torch.cat([finetune, replay]).tolist()
 
     def is_replay(self, indices: Tensor) -> Tensor:
