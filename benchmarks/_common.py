@@ -40,6 +40,24 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class IterationTimer(pl.Callback):
+    """Wall time of each training-loop iteration after an epoch's first: the interval between consecutive batch
+    ends, so it holds the batch fetch (sampler and loading) as well as the step and every hook."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
 def write_into_card(card: Path, table: str) -> None:
     """Replace a method card's results section (between the ``results:start`` / ``results:end`` markers)."""
     text = card.read_text()

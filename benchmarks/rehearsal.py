@@ -16,30 +16,34 @@ Writes ``benchmarks/results/rehearsal.json`` and ``.md`` (the method card's tabl
     fine-tuning (lower is better), next to the task-B validation loss
     (:mod:`lightning_ft.demos.rehearsal_text`).
 
-Usage: python benchmarks/rehearsal.py [--seeds 8] [--skip-timing] [--text-seeds 6] [--text-only | --skip-text]
+Usage: python benchmarks/rehearsal.py [--seeds 8] [--skip-timing] [--text-seeds 6]
+       [--text-only | --skip-text | --timing-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
 import statistics
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import StepTimer, paired_ci, put_mean_std, write_into_card
+from _common import IterationTimer, paired_ci, put_mean_std, write_into_card
+from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_ft.demos.rehearsal import RehearsalDemoConfig, _data, _trainer, finetune, pretrain
 from lightning_ft.demos.rehearsal_text import RehearsalTextConfig, base_losses, finetune_text, pretrain_text
 from lightning_ft.demos.vision import ImageClassifier
-from lightning_ft.rehearsal import RehearsalDataModule, RehearsalFeedback
+from lightning_ft.rehearsal import CollateralDamageSampler, RehearsalDataModule, RehearsalFeedback, WithSampleIds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CARD = Path(__file__).resolve().parents[1] / "lightning_ft" / "rehearsal" / "README.md"
@@ -143,33 +147,129 @@ def summarise_text(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def bench_step_time(rounds: int, epochs: int = 4) -> dict:
-    """Median step time: mix-cd + RehearsalFeedback vs random draws without feedback, same model and budget."""
+class _RecordBatches(pl.Callback):
+    """The concatenated-dataset indices of every training batch, by epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[list[int]]] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.epochs[-1].append(batch[2].tolist())
+
+
+class _FixedBatches:
+    """A plain batch sampler replaying recorded batches, one epoch's list per ``iter``."""
+
+    def __init__(self, epochs: list[list[list[int]]]) -> None:
+        self.epochs, self._epoch = epochs, 0
+
+    def __len__(self) -> int:
+        return len(self.epochs[0])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self._epoch += 1
+        return iter(self.epochs[(self._epoch - 1) % len(self.epochs)])
+
+
+class _TimedFeedback(RehearsalFeedback):
+    """RehearsalFeedback that records the wall time of its per-batch hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, *args: Any) -> None:  # type: ignore[override]
+        start = time.perf_counter()
+        super().on_train_batch_end(*args)
+        self.times.append(time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _timed_sampler(times: list[float]) -> Iterator[None]:
+    """Records the wall time of every batch the CollateralDamageSampler yields (its draw and bookkeeping)."""
+    original = CollateralDamageSampler.__iter__
+
+    def timed(self: CollateralDamageSampler) -> Iterator[list[int]]:
+        batches = original(self)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            times.append(time.perf_counter() - start)
+            if batch is None:
+                return
+            yield batch
+
+    CollateralDamageSampler.__iter__ = timed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CollateralDamageSampler.__iter__ = original  # type: ignore[method-assign]
+
+
+TIMING_ARCHS = {"mlp": "the demo's MLP", "bn_cnn": "a BN-CNN (3 conv layers, width 16)"}
+
+
+def bench_step_time(rounds: int, epochs: int = 6) -> dict:
+    """:func:`bench_arch_step_time` for the demo's MLP (a 3 ms step: the worst case) and a small CNN."""
+    return {arch: bench_arch_step_time(rounds, arch, epochs) for arch in TIMING_ARCHS}
+
+
+def bench_arch_step_time(rounds: int, arch: str, epochs: int) -> dict:
+    """Median loop iteration (fetch + step + hooks): mix-cd sampling + RehearsalFeedback vs the batches of a mix-cd fit
+    replayed by a plain batch sampler without feedback, same model; the order of the two alternates over rounds."""
     config = RehearsalDemoConfig(replay_per_step=4)
     data = _data(config)
+    n = len(data["task_b"])
+    inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=32)
+    dataset = ConcatDataset([WithSampleIds(data["task_b"]), WithSampleIds(data["task_a"], offset=n)])
+    pool_statistics = None
+    sampler_times: list[float] = []
+    feedback_times: list[float] = []
+
+    def mixcd(callbacks: list[pl.Callback]) -> None:
+        nonlocal pool_statistics
+        mixed = RehearsalDataModule(inner, data["task_a"], replay_per_step=4, pool_statistics=pool_statistics)
+        feedback = _TimedFeedback()
+        with _timed_sampler(sampler_times):
+            _trainer(epochs, [feedback, *callbacks]).fit(ImageClassifier(arch=arch, lr=config.lr), mixed)
+        feedback_times.extend(feedback.times)
+        pool_statistics = mixed.pool_statistics  # one statistics pass
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     per_round = []
     try:
-        for _ in range(rounds):
+        record = _RecordBatches()
+        mixcd([record])  # warm-up; its batches are the plain variant's
+        for k in range(rounds):
             medians = {}
-            for name, strategy, callbacks in (("plain", "random", []), ("mixcd", "mixcd", [RehearsalFeedback()])):
-                inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=32)
-                mixed = RehearsalDataModule(inner, data["task_a"], strategy=strategy, replay_per_step=4)
-                timer = StepTimer()
-                module = ImageClassifier(arch="mlp", lr=config.lr)
-                _trainer(epochs, [*callbacks, timer]).fit(module, mixed)
+            for name in ("mixcd", "plain") if k % 2 == 0 else ("plain", "mixcd"):
+                timer = IterationTimer()
+                if name == "mixcd":
+                    mixcd([timer])
+                else:
+                    plain = DataLoader(dataset, batch_sampler=_FixedBatches(record.epochs))  # type: ignore[arg-type]
+                    _trainer(epochs, [timer]).fit(ImageClassifier(arch=arch, lr=config.lr), plain)
                 steps = len(timer.times) // epochs
                 medians[name] = statistics.median(timer.times[steps:])  # the first epoch warms up
             per_round.append(medians)
     finally:
         torch.set_num_threads(threads)
     ratios = [r["mixcd"] / r["plain"] for r in per_round]
+    median_step = {k: statistics.median(r[k] for r in per_round) for k in ("plain", "mixcd")}
+    # the same overhead attributed inside the mix-cd runs: robust to the machine's drift between runs
+    ours = statistics.median(sampler_times) + statistics.median(feedback_times)
     return {
         "per_round": per_round,
-        "median_step_seconds": {k: statistics.median(r[k] for r in per_round) for k in ("plain", "mixcd")},
+        "median_step_seconds": median_step,
         "ratio": statistics.median(ratios),
         "ratio_range": [min(ratios), max(ratios)],
+        "median_sampler_seconds": statistics.median(sampler_times),
+        "median_feedback_seconds": statistics.median(feedback_times),
+        "attributed_ratio": median_step["mixcd"] / (median_step["mixcd"] - ours),
     }
 
 
@@ -253,15 +353,28 @@ def markdown(results: dict) -> str:
             f" | {e['task_b']:.3f} ± {e['task_b_std']:.3f} | {hit} | {_ci(e.get('task_a_vs_random'))}"
             f" | {_ci(e.get('task_b_vs_random'))} |"
         )
-    timing = results.get("timing")
+    timing = results.get("timing") or {}
     if timing:
-        lo, hi = timing["ratio_range"]
-        m = timing["median_step_seconds"]
         lines.append(
-            f"\n**Step time**: mix-cd sampling + `RehearsalFeedback` {1e3 * m['mixcd']:.2f} ms vs random draws without"
-            f" feedback {1e3 * m['plain']:.2f} ms per step: {timing['ratio']:.2f}x [{lo:.2f}, {hi:.2f}] (median"
-            f" [range] of per-round ratios, {len(timing['per_round'])} interleaved rounds, 1 thread)."
+            "\n**Step time** (a loop iteration: batch fetch, step and hooks; mix-cd sampling + `RehearsalFeedback` vs"
+            " the same batches from a plain batch sampler without feedback, interleaved rounds, 1 thread; the last"
+            " column times the sampler and the feedback hook inside the mix-cd runs, which the machine's drift between"
+            " runs does not disturb)\n"
         )
+        lines.append(
+            "| model | plain | mix-cd | ratio, median [range] over rounds | sampler + feedback per batch |"
+            " attributed ratio |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for arch, t in timing.items():
+            lo, hi = t["ratio_range"]
+            m = t["median_step_seconds"]
+            lines.append(
+                f"| {TIMING_ARCHS.get(arch, arch)} | {1e3 * m['plain']:.2f} ms | {1e3 * m['mixcd']:.2f} ms |"
+                f" {t['ratio']:.2f}x [{lo:.2f}, {hi:.2f}] ({len(t['per_round'])} rounds) |"
+                f" {1e6 * t['median_sampler_seconds']:.0f} + {1e6 * t['median_feedback_seconds']:.0f} us |"
+                f" {t['attributed_ratio']:.3f}x |"
+            )
     lines.append(f"\nMachine: {results['machine']}.")
     if results.get("text"):
         lines.append("\n" + markdown_text(results["text"]))
@@ -278,21 +391,25 @@ def main() -> None:
         "--text-only", action="store_true", help="run the text case only; keep the digits results and timing"
     )
     only.add_argument("--skip-text", action="store_true", help="keep the text case of the last results file")
+    only.add_argument("--timing-only", action="store_true", help="rerun the step timing only; keep everything else")
     args = parser.parse_args()
     _quiet()
     torch.set_num_threads(1)
     out = RESULTS / "rehearsal.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
-    if args.text_only:
+    if args.text_only or args.timing_only:
         if "effect" not in previous:
-            raise SystemExit(f"--text-only keeps the digits results of {out}, which has none: run without it first.")
+            raise SystemExit(f"this option keeps the digits results of {out}, which has none: run without it first.")
         results: dict[str, Any] = dict(previous)
+        if args.timing_only:
+            results["timing"] = bench_step_time(rounds=7)
     else:
         results = {"machine": machine, "config": RehearsalDemoConfig().__dict__ | {"kinds": None}}
         results["effect"] = bench_effect(args.seeds)
-        results["timing"] = previous.get("timing") if args.skip_timing else bench_step_time(rounds=5)
-    results["text"] = previous.get("text") if args.skip_text else bench_text(args.text_seeds)
+        results["timing"] = previous.get("timing") if args.skip_timing else bench_step_time(rounds=7)
+    skip_text = args.skip_text or args.timing_only
+    results["text"] = previous.get("text") if skip_text else bench_text(args.text_seeds)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results)

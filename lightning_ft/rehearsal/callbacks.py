@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
@@ -255,7 +255,6 @@ class RehearsalFeedback(Callback):
         self.log_every_n_steps = log_every_n_steps
         self._pending: dict[str, Any] | None = None
         self._sampler: CollateralDamageSampler | None = None
-        self._pool_correct: Tensor | None = None
 
     def _find_sampler(self, trainer: pl.Trainer) -> CollateralDamageSampler:
         loader = trainer.train_dataloader
@@ -274,8 +273,7 @@ class RehearsalFeedback(Callback):
             sampler.load_state_dict(self._pending)
             self._pending = None
         sampler.set_epoch(trainer.current_epoch)  # Lightning only sets the epoch on samplers, not batch samplers
-        if sampler is not self._sampler:
-            self._sampler, self._pool_correct = sampler, None
+        self._sampler = sampler
 
     @override
     def on_train_batch_end(
@@ -290,28 +288,31 @@ class RehearsalFeedback(Callback):
                 " 'correct': bool per sample, 'loss': optional per-sample loss}}; got"
                 f" {type(outputs).__name__} {sorted(outputs) if isinstance(outputs, dict) else ''}."
             )
-        ids = torch.as_tensor(per_sample["sample_id"]).detach().long().flatten()
-        correct = torch.as_tensor(per_sample["correct"]).detach().bool().flatten().to(ids.device)
+        ids = torch.as_tensor(per_sample["sample_id"]).detach().flatten()
+        correct = torch.as_tensor(per_sample["correct"]).detach().flatten()
         if correct.shape != ids.shape:
             raise ValueError(f"per_sample 'correct' has {correct.numel()} entries for {ids.numel()} sample ids.")
-        replay = ids >= sampler.num_finetune
-        positions = ids[replay] - sampler.num_finetune
-        if self._pool_correct is None or self._pool_correct.device != ids.device:  # one copy, not one per step
-            self._pool_correct = sampler.pool_correct.to(ids.device)
-        forgot = self._pool_correct[positions] & ~correct[replay]
-        losses: Tensor | None = None
-        if per_sample.get("loss") is not None:
-            losses = torch.as_tensor(per_sample["loss"]).detach().float().flatten().to(ids.device)[replay]
-        if trainer.world_size > 1:  # every rank rehearses the same number of samples: an even all-gather
-            positions = trainer.strategy.all_gather(positions).flatten()
-            forgot = trainer.strategy.all_gather(forgot).flatten()
-            if losses is not None:
+        log = trainer.global_step % self.log_every_n_steps == 0
+        losses = per_sample.get("loss") if log else None
+        if losses is not None:
+            losses = torch.as_tensor(losses).detach().flatten()
+            if losses.shape != ids.shape:
+                raise ValueError(f"per_sample 'loss' has {losses.numel()} entries for {ids.numel()} sample ids.")
+        if trainer.world_size > 1:  # the ranks' batches have equal sizes (padded shards): an even all-gather
+            ids = trainer.strategy.all_gather(ids).flatten()
+            correct = trainer.strategy.all_gather(correct).flatten()
+            if losses is not None:  # the logging steps are the same on every rank
                 losses = trainer.strategy.all_gather(losses).flatten()
+        # one host copy per step (the rates steer the next draws); the bookkeeping is NumPy on a few dozen values
+        ids_np = ids.cpu().numpy().astype(np.int64, copy=False)
+        replay = ids_np >= sampler.num_finetune
+        positions = ids_np[replay] - sampler.num_finetune
+        forgot = sampler.forgotten(positions, correct.cpu().numpy().astype(bool, copy=False)[replay])
         sampler.update(positions, forgot)
-        if trainer.global_step % self.log_every_n_steps == 0 and positions.numel():
-            metrics = {"rehearsal/cd_hit_rate": float(forgot.float().mean())}
+        if log and positions.size:
+            metrics = {"rehearsal/cd_hit_rate": float(forgot.mean())}
             if losses is not None:
-                metrics["rehearsal/replay_loss"] = float(losses.mean())
+                metrics["rehearsal/replay_loss"] = float(losses.float().cpu().numpy()[replay].mean())
             log_scalars(trainer, metrics)
 
     @override

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
@@ -33,6 +34,13 @@ def _unit_interval(name: str, value: float, closed_right: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
         bound = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"`{name}` must be in {bound}, got {value!r}.")
+
+
+def _host(values: Tensor | np.ndarray | Sequence[Any]) -> np.ndarray:
+    """A NumPy array of ``values`` (a tensor is moved to the host first)."""
+    if isinstance(values, Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
 
 
 class CollateralDamageSampler(Sampler[list[int]]):
@@ -167,6 +175,10 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.alpha = torch.full((self.num_bins,), float(alpha_init))
         self.seen = torch.zeros(self.num_bins, dtype=torch.long)  # rehearsed samples reported per bin
         self.forgot = torch.zeros(self.num_bins, dtype=torch.long)  # ... of which forgotten
+        # the per-step bookkeeping runs on NumPy views of these CPU tensors (a few microseconds per operation, against
+        # tens for small torch ops): in-place updates of one are updates of the other
+        self._alpha, self._seen, self._forgot = self.alpha.numpy(), self.seen.numpy(), self.forgot.numpy()
+        self._probabilities: Tensor | None = None  # pi, cached until the next update
         self.epoch = 0
         self._cursor = 0  # loss_priority position
         # one stream on every rank: each step draws world_size * replay samples and a rank keeps its own slice, so the
@@ -249,68 +261,86 @@ class CollateralDamageSampler(Sampler[list[int]]):
             self.num_bins = 1
         self.bin_of = bins  # bin of every pool position (meaningful for the positions in `used`)
         order = used[torch.argsort(bins[used], stable=True)]
-        self._members = order  # pool positions grouped by bin
         self.bin_sizes = torch.bincount(bins[used], minlength=self.num_bins)
-        self._starts = torch.cumsum(self.bin_sizes, 0) - self.bin_sizes
-        self._priority = torch.argsort(self.pool_loss, descending=True, stable=True)
+        self._bin_of = bins.numpy()
+        self._members = order.numpy()  # pool positions grouped by bin
+        self._sizes = self.bin_sizes.numpy()
+        self._sizes_f = self._sizes.astype(np.float32)
+        self._starts = np.cumsum(self._sizes) - self._sizes
+        self._priority = torch.argsort(self.pool_loss, descending=True, stable=True).numpy()
+        self._pool_correct = self.pool_correct.numpy()
 
     def probabilities(self) -> Tensor:
         """``pi``: the probability of drawing each bin at the next step."""
-        sizes = self.bin_sizes.float()
-        if self.strategy != "mixcd":
-            return sizes / sizes.sum()
-        weighted = sizes * self.alpha.clamp_min(self.alpha_min)
-        greedy = weighted / weighted.sum() if weighted.sum() > 0 else sizes / sizes.sum()
-        return (1.0 - self.epsilon) * greedy + self.epsilon * sizes / sizes.sum()
+        if self._probabilities is None:
+            sizes = self._sizes_f
+            uniform = sizes / sizes.sum()
+            if self.strategy != "mixcd":
+                pi = uniform
+            else:
+                weighted = sizes * np.maximum(self._alpha, np.float32(self.alpha_min))
+                total = weighted.sum()
+                greedy = weighted / total if total > 0 else uniform
+                pi = np.float32(1.0 - self.epsilon) * greedy + np.float32(self.epsilon) * uniform
+            self._probabilities = torch.from_numpy(pi)
+        return self._probabilities
 
     def draw(self, count: int | None = None) -> Tensor:
         """Pool positions of this rank's next ``count`` (default: ``replay``) rehearsal samples.
 
         Every rank advances the same stream by ``world_size * count`` draws and keeps its slice.
         """
-        count = self.replay if count is None else count
+        return torch.from_numpy(self._draw(self.replay if count is None else count))
+
+    def _draw(self, count: int) -> np.ndarray:
         if count == 0:
-            return torch.zeros(0, dtype=torch.long)
+            return np.zeros(0, dtype=np.int64)
         total = count * self.world_size
         if self.strategy == "loss_priority":
-            idx = (self._cursor + torch.arange(total)) % self._priority.numel()
-            self._cursor = int((self._cursor + total) % self._priority.numel())
+            idx = (self._cursor + np.arange(total)) % self._priority.size
+            self._cursor = int((self._cursor + total) % self._priority.size)
             drawn = self._priority[idx]
         else:
-            bins = torch.multinomial(self.probabilities(), total, replacement=True, generator=self._generator)
-            offsets = (torch.rand(total, generator=self._generator) * self.bin_sizes[bins]).long()
-            offsets = torch.minimum(offsets, self.bin_sizes[bins] - 1)
+            bins = torch.multinomial(self.probabilities(), total, replacement=True, generator=self._generator).numpy()
+            uniform = torch.rand(total, generator=self._generator).numpy()
+            sizes = self._sizes[bins]
+            offsets = np.minimum((uniform * self._sizes_f[bins]).astype(np.int64), sizes - 1)
             drawn = self._members[self._starts[bins] + offsets]
         return drawn[self.rank * count : (self.rank + 1) * count]
 
     # ------------------------------------------------------------------------------------------------ feedback
-    def update(self, pool_positions: Tensor, forgot: Tensor) -> None:
+    def update(self, pool_positions: Tensor | np.ndarray, forgot: Tensor | np.ndarray) -> None:
         """Record which rehearsed pool samples were forgotten (prior-correct and now wrong) in the training pass.
 
         Call it with the same (all-gathered) values on every rank. Bins without an observation keep their rate.
         """
-        pool_positions = torch.as_tensor(pool_positions).long().cpu().flatten()
-        forgot = torch.as_tensor(forgot).bool().cpu().flatten()
-        if pool_positions.shape != forgot.shape:
-            raise ValueError(f"{pool_positions.numel()} pool positions but {forgot.numel()} forgot flags.")
-        if pool_positions.numel() == 0:
+        positions = _host(pool_positions).astype(np.int64, copy=False).ravel()
+        flags = _host(forgot).astype(bool, copy=False).ravel()
+        if positions.shape != flags.shape:
+            raise ValueError(f"{positions.size} pool positions but {flags.size} forgot flags.")
+        if positions.size == 0:
             return
-        if int(pool_positions.min()) < 0 or int(pool_positions.max()) >= self.pool_loss.numel():
-            raise ValueError(f"pool positions must be in [0, {self.pool_loss.numel()}).")
-        bins = self.bin_of[pool_positions]
-        seen = torch.bincount(bins, minlength=self.num_bins)
-        hits = torch.bincount(bins, weights=forgot.float(), minlength=self.num_bins)
-        self.seen += seen
-        self.forgot += hits.long()
+        if positions.min() < 0 or positions.max() >= self._bin_of.size:
+            raise ValueError(f"pool positions must be in [0, {self._bin_of.size}).")
+        bins = self._bin_of[positions]
+        seen = np.bincount(bins, minlength=self.num_bins)
+        hits = np.bincount(bins[flags], minlength=self.num_bins)
+        self._seen += seen
+        self._forgot += hits
         observed = seen > 0
-        rate = hits[observed] / seen[observed]
-        self.alpha[observed] = (1 - self.beta) * self.alpha[observed] + self.beta * rate
+        rate = hits[observed].astype(np.float32) / seen[observed].astype(np.float32)
+        self._alpha[observed] = np.float32(1 - self.beta) * self._alpha[observed] + np.float32(self.beta) * rate
+        self._probabilities = None
+
+    def forgotten(self, pool_positions: np.ndarray, correct: np.ndarray) -> np.ndarray:
+        """Collateral damage: which rehearsed samples the prior model got right and the current one gets wrong."""
+        return self._pool_correct[pool_positions] & ~correct
 
     @property
     def hit_rate(self) -> float:
         """Share of all reported rehearsal samples that were collateral damage (forgotten)."""
-        total = int(self.seen.sum())
-        return float(self.forgot.sum()) / total if total else float("nan")
+        total = int(self._seen.sum())
+        return float(self._forgot.sum()) / total if total else float("nan")
 
     # ------------------------------------------------------------------------------------------------ sampling
     @staticmethod
@@ -320,15 +350,15 @@ class CollateralDamageSampler(Sampler[list[int]]):
             out = (out * 6364136223846793005 + int(v) + 1442695040888963407) % (2**63)
         return out
 
-    def _shard(self) -> Tensor:
+    def _shard(self) -> np.ndarray:
         if self.shuffle:
             gen = torch.Generator().manual_seed(self._mix(self.seed, self.epoch))
-            order = torch.randperm(self.num_finetune, generator=gen)
+            order = torch.randperm(self.num_finetune, generator=gen).numpy()
         else:
-            order = torch.arange(self.num_finetune)
+            order = np.arange(self.num_finetune)
         padding = -self.num_finetune % self.world_size  # equal shards: every rank runs the same number of steps
         if padding:
-            order = torch.cat([order, order.repeat(math.ceil(padding / self.num_finetune))[:padding]])
+            order = np.concatenate([order, np.resize(order, padding)])
         return order[self.rank :: self.world_size]
 
     def set_epoch(self, epoch: int) -> None:
@@ -348,8 +378,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
         shard, start = self._shard(), self.epoch * len(self)
         for i in range(len(self)):
             finetune = shard[i * self.batch_size : (i + 1) * self.batch_size]
-            replay = self.draw(self.replay_count(start + i)) + self.num_finetune
-            yield torch.cat([finetune, replay]).tolist()
+            replay = self._draw(self.replay_count(start + i)) + self.num_finetune
+            yield np.concatenate([finetune, replay]).tolist()
 
     def is_replay(self, indices: Tensor) -> Tensor:
         """Which concatenated-dataset indices come from the pool."""
@@ -373,7 +403,9 @@ class CollateralDamageSampler(Sampler[list[int]]):
                 " the same pool and arguments."
             )
         self.epoch = int(state["epoch"])
-        self.alpha = state["alpha"].clone().float()
-        self.seen, self.forgot = state["seen"].clone().long(), state["forgot"].clone().long()
+        self.alpha.copy_(state["alpha"])  # in place: the NumPy views follow
+        self.seen.copy_(state["seen"])
+        self.forgot.copy_(state["forgot"])
+        self._probabilities = None
         self._cursor = int(state["cursor"])
         self._generator.set_state(state["generator"])

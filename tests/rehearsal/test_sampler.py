@@ -143,12 +143,27 @@ def test_state_round_trip_reproduces_the_stream(pool, strategy):
     assert torch.equal(restored.alpha, sampler.alpha) or strategy != "mixcd"
 
 
-def test_pinned_stream_per_strategy(pool):
-    """Regression pin (Avalanche #574): a fixed seed gives a fixed first batch for every strategy."""
-    firsts = {strategy: next(iter(make(pool, strategy=strategy)))[10:13] for strategy in STRATEGIES}
-    again = {strategy: next(iter(make(pool, strategy=strategy)))[10:13] for strategy in STRATEGIES}
-    assert firsts == again
-    assert len({tuple(v) for v in firsts.values()}) == len(STRATEGIES)
+# the first batch's pool indices and, after 20 steps of feedback, the next draws (values of the torch-only sampler
+# before its bookkeeping moved to NumPy: a change of these streams changes every benchmark number)
+PINNED = {
+    "mixcd": ([1060, 359, 853, 316], [286, 791, 471, 502]),
+    "random": ([1059, 345, 840, 323], [242, 766, 414, 513]),
+    "random_prior_correct": ([1059, 368, 852, 347], [266, 773, 433, 529]),
+    "loss_priority": ([485, 437, 878, 630], [503, 326, 47, 989]),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pinned_stream_per_strategy(pool, strategy):
+    """Regression pin (Avalanche #574): a fixed seed gives fixed draws for every strategy, with and without feedback."""
+    loss, _ = pool
+    sampler = make(pool, strategy=strategy)
+    first = next(iter(sampler))[10:14]
+    feedback = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        positions = sampler.draw()
+        sampler.update(positions, torch.rand(positions.numel(), generator=feedback) < loss[positions] / 3)
+    assert (first, sampler.draw()[:4].tolist()) == PINNED[strategy]
 
 
 @pytest.mark.parametrize(
