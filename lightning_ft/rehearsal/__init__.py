@@ -1,18 +1,16 @@
 """Rehearsal family: keep pretrained skills while fine-tuning.
 
-This first part holds the shared reference-statistics pass and FLOW easy-sample weighting:
-
 * :class:`ReferenceStatistics`: one no-grad pass of the frozen starting model, per-sample loss and correctness (and
   per-token NLL for causal LMs) by stable sample id (:class:`WithSampleIds`), DDP-gathered, saved and loaded.
 * FLOW (Sanyal et al., ICML 2025): :class:`FLOWWeighting` (``w = exp(-ref_loss / tau)``, ``tau`` = median) and the
   :class:`FLOWWeightedLoss` LightningModule mixin; pure functions in :mod:`lightning_ft.rehearsal.functional`.
-
 * :class:`CollateralDamageSampler`: the mix-cd batch sampler (and its baselines) over fine-tuning data + a rehearsal
   pool, fed with which rehearsed samples were forgotten; :class:`RehearsalDataModule` wraps a fine-tuning data module
-  and a pool into it, and :class:`RehearsalFeedback` reports the forgotten samples from ``training_step`` outputs.
+  and a pool into it (replay share by samples or tokens, with a schedule and replay-only transforms), and
+  :class:`RehearsalFeedback` reports the forgotten samples from ``training_step`` outputs.
 """
 
-from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
+from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback, num_tokens
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
 from lightning_ft.rehearsal.functional import (
     causal_lm_correct,
@@ -42,5 +40,6 @@ __all__ = [
     "flow_weighted_token_loss",
     "flow_weights",
     "greedy_token_accuracy",
+    "num_tokens",
     "sequence_nll",
 ]

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_bar_chart, log_scalars
-from lightning_ft.rehearsal.sampler import CollateralDamageSampler, Strategy
+from lightning_ft.rehearsal.sampler import Budget, CollateralDamageSampler, Strategy
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 
-__all__ = ["RehearsalDataModule", "RehearsalFeedback"]
+__all__ = ["RehearsalDataModule", "RehearsalFeedback", "num_tokens"]
 
 
 class _ReplayTransformed(Dataset):
@@ -34,6 +35,24 @@ class _ReplayTransformed(Dataset):
         if isinstance(sample, (tuple, list)) and sample:
             return type(sample)([self.transform(sample[0]), *sample[1:]])
         return self.transform(sample)
+
+
+def num_tokens(sample: Any) -> int:
+    """Tokens of one sample: the ``attention_mask`` sum of a mapping (else its ``input_ids`` length), the length of the
+    first element of a tuple, or the size of a tensor."""
+    if isinstance(sample, Mapping):
+        if "attention_mask" in sample:
+            return int(torch.as_tensor(sample["attention_mask"]).sum())
+        if "input_ids" in sample:
+            return int(torch.as_tensor(sample["input_ids"]).numel())
+    elif isinstance(sample, (tuple, list)) and sample:
+        return int(torch.as_tensor(sample[0]).numel())
+    elif isinstance(sample, Tensor):
+        return int(sample.numel())
+    raise ValueError(
+        f"cannot count the tokens of a {type(sample).__name__} sample: `budget='tokens'` expects mappings with"
+        " 'attention_mask' or 'input_ids', tuples whose first element is the token sequence, or tensors."
+    )
 
 
 def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> int:
@@ -75,6 +94,9 @@ class RehearsalDataModule(pl.LightningDataModule):
             epsilon, alpha_min, beta, seed: see :class:`~lightning_ft.rehearsal.CollateralDamageSampler`
             (``pool_groups``, e.g. the pool's labels, bins by reference loss x group; ``replay_schedule``'s progress
             runs over the fit's batches, from the Trainer's ``max_epochs`` / ``max_steps`` / ``limit_train_batches``).
+        budget: ``"samples"`` or ``"tokens"``: what the replay share counts (see
+            :class:`~lightning_ft.rehearsal.CollateralDamageSampler`); with ``"tokens"`` every sample's tokens are
+            counted once at setup (:func:`num_tokens`: the attention-mask sum of a mapping sample).
         replay_transform: applied to every rehearsed pool sample when it is loaded for training (e.g. an
             augmentation only the replay data gets): to the first element of a tuple sample (the input), to the whole
             sample otherwise (a mapping). The pool's reference statistics are computed without it.
@@ -97,6 +119,7 @@ class RehearsalDataModule(pl.LightningDataModule):
         replay_ratio: float = 0.25,
         replay_per_step: int | None = None,
         replay_schedule: Sequence[Sequence[float]] | None = None,
+        budget: Budget = "samples",
         num_bins: int = 10,
         pool_groups: Sequence[int] | None = None,
         exclude_prior_incorrect: bool = True,
@@ -120,6 +143,7 @@ class RehearsalDataModule(pl.LightningDataModule):
             "replay_ratio": replay_ratio,
             "replay_per_step": replay_per_step,
             "replay_schedule": None if replay_schedule is None else [list(point) for point in replay_schedule],
+            "budget": budget,
             "num_bins": num_bins,
             "pool_groups": None if pool_groups is None else [int(g) for g in pool_groups],
             "exclude_prior_incorrect": exclude_prior_incorrect,
@@ -130,6 +154,7 @@ class RehearsalDataModule(pl.LightningDataModule):
         }
         self.pool_statistics, self.task, self.statistics_batch_size = pool_statistics, task, statistics_batch_size
         self.sampler: CollateralDamageSampler | None = None
+        self._lengths: dict[str, list[int]] | None = None
         # the wrapped module's own evaluation loaders, bound as they are: Lightning runs a loop only for the loaders
         # a data module overrides, and sees the wrapped module's (non-)overrides through these
         self.val_dataloader = datamodule.val_dataloader  # type: ignore[method-assign]
@@ -196,6 +221,14 @@ class RehearsalDataModule(pl.LightningDataModule):
                 raise ValueError("`replay_schedule` runs over the fit's batches: use the data module in a Trainer.")
             per_epoch = CollateralDamageSampler.num_batches(n, inner.batch_size, world_size, inner.drop_last)
             schedule_batches = _schedule_batches(trainer, per_epoch)
+        lengths: dict[str, list[int]] = {}
+        if self.sampler_kwargs["budget"] == "tokens":
+            if self._lengths is None:  # once: datasets are not re-tokenised between epochs
+                self._lengths = {
+                    "finetune_lengths": [num_tokens(finetune[i]) for i in range(n)],
+                    "pool_lengths": [num_tokens(self.pool[i]) for i in range(len(self.pool))],  # type: ignore[arg-type]
+                }
+            lengths = self._lengths
         stats = self._statistics(inner.collate_fn)
         pos = stats.positions(torch.arange(len(self.pool)))  # type: ignore[arg-type]
         self.sampler = CollateralDamageSampler(
@@ -207,6 +240,7 @@ class RehearsalDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             schedule_batches=schedule_batches,
+            **lengths,
             **self.sampler_kwargs,
         )
         pool = self.pool if self.replay_transform is None else _ReplayTransformed(self.pool, self.replay_transform)
@@ -298,7 +332,13 @@ class RehearsalFeedback(Callback):
             losses = torch.as_tensor(losses).detach().flatten()
             if losses.shape != ids.shape:
                 raise ValueError(f"per_sample 'loss' has {losses.numel()} entries for {ids.numel()} sample ids.")
-        if trainer.world_size > 1:  # the ranks' batches have equal sizes (padded shards): an even all-gather
+        if trainer.world_size > 1:
+            if sampler.budget == "tokens":  # the ranks rehearse different numbers of samples: pad to the longest
+                size = int(trainer.strategy.all_gather(torch.tensor(ids.numel(), device=ids.device)).max())
+                pad = size - ids.numel()
+                ids = torch.cat([ids, ids.new_full((pad,), -1)])  # -1: below every pool id, dropped below
+                correct = torch.cat([correct, correct.new_zeros(pad)])
+                losses = None if losses is None else torch.cat([losses, losses.new_zeros(pad)])
             ids = trainer.strategy.all_gather(ids).flatten()
             correct = trainer.strategy.all_gather(correct).flatten()
             if losses is not None:  # the logging steps are the same on every rank

@@ -26,6 +26,7 @@ from lightning_ft._internal.validation import check_int
 __all__ = ["STRATEGIES", "CollateralDamageSampler"]
 
 Strategy = Literal["mixcd", "random", "random_prior_correct", "loss_priority"]
+Budget = Literal["samples", "tokens"]
 STRATEGIES: tuple[str, ...] = ("mixcd", "random", "random_prior_correct", "loss_priority")
 
 
@@ -34,6 +35,15 @@ def _unit_interval(name: str, value: float, closed_right: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
         bound = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"`{name}` must be in {bound}, got {value!r}.")
+
+
+def _lengths(name: str, values: Sequence[int] | Tensor | None, expected: int) -> np.ndarray:
+    if values is None:
+        raise ValueError(f"`budget='tokens'` needs `{name}`: the number of tokens of every sample.")
+    lengths = _host(values).ravel()
+    if lengths.size != expected or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 1).any():
+        raise ValueError(f"`{name}` must hold one integer >= 1 per sample ({expected}), got {lengths.size} values.")
+    return lengths.astype(np.int64)
 
 
 def _host(values: Tensor | np.ndarray | Sequence[Any]) -> np.ndarray:
@@ -85,6 +95,12 @@ class CollateralDamageSampler(Sampler[list[int]]):
             constant before the first point and after the last.
         schedule_batches: the number of batches the schedule's progress runs over (the whole fit:
             :class:`RehearsalDataModule` sets it from the Trainer's ``max_epochs`` / ``max_steps``).
+        budget: ``"samples"``: the replay share counts samples; ``"tokens"`` (causal LMs with sequences of different
+            lengths): it counts tokens, i.e. each batch rehearses pool samples until their tokens reach
+            ``ratio / (1 - ratio)`` times the tokens of the batch's fine-tuning samples (the sample that crosses the
+            budget is kept, so a batch overshoots by less than one sample). Needs ``pool_lengths`` and
+            ``finetune_lengths``, and a ratio (``replay_ratio`` or ``replay_schedule``), not ``replay_per_step``.
+        pool_lengths, finetune_lengths: tokens of every pool / fine-tuning sample (``budget="tokens"``).
         strategy: one of :data:`STRATEGIES`.
         num_bins: quantile bins of reference loss (mix-cd), per group when ``pool_groups`` is given.
         pool_groups: an integer group of every pool sample (e.g. its class label), in pool order; None: one group.
@@ -112,6 +128,9 @@ class CollateralDamageSampler(Sampler[list[int]]):
         replay_per_step: int | None = None,
         replay_schedule: Sequence[Sequence[float]] | None = None,
         schedule_batches: int | None = None,
+        budget: Budget = "samples",
+        pool_lengths: Sequence[int] | Tensor | None = None,
+        finetune_lengths: Sequence[int] | Tensor | None = None,
         strategy: Strategy = "mixcd",
         num_bins: int = 10,
         pool_groups: Sequence[int] | Tensor | None = None,
@@ -138,6 +157,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
             raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
         _unit_interval("replay_ratio", replay_ratio)
         schedule = self._check_schedule(replay_schedule, replay_per_step, schedule_batches)
+        if budget not in ("samples", "tokens"):
+            raise ValueError(f"`budget` must be 'samples' or 'tokens', got {budget!r}.")
         _unit_interval("epsilon", epsilon, closed_right=True)
         _unit_interval("alpha_init", alpha_init, closed_right=True)
         if not 0.0 < beta <= 1.0:
@@ -171,6 +192,16 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.pool_loss, self.pool_correct = loss, correct
         self.pool_groups = groups
+        self.budget, self.replay_ratio = budget, float(replay_ratio)
+        self._pool_lengths = self._finetune_lengths = None
+        if budget == "tokens":
+            if replay_per_step is not None:
+                raise ValueError(
+                    "`budget='tokens'` sets the replay by a ratio of tokens: pass `replay_ratio` or"
+                    " `replay_schedule`, not `replay_per_step`."
+                )
+            self._pool_lengths = _lengths("pool_lengths", pool_lengths, loss.numel())
+            self._finetune_lengths = _lengths("finetune_lengths", finetune_lengths, num_finetune)
         self._build_bins(num_bins, exclude_prior_incorrect)
         self.alpha = torch.full((self.num_bins,), float(alpha_init))
         self.seen = torch.zeros(self.num_bins, dtype=torch.long)  # rehearsed samples reported per bin
@@ -214,20 +245,24 @@ class CollateralDamageSampler(Sampler[list[int]]):
     def _count(self, ratio: float) -> int:
         return round(self.batch_size * ratio / (1.0 - ratio))
 
-    def replay_count(self, batch: int) -> int:
-        """Pool samples in the fit's ``batch``-th batch (counted over epochs: ``epoch * len(self) + index``)."""
+    def replay_share(self, batch: int) -> float:
+        """The replay share ``r / (b + r)`` of the fit's ``batch``-th batch (``epoch * len(self) + index``)."""
         if self.replay_schedule is None:
-            return self.replay
+            return self.replay_ratio
         assert self.schedule_batches is not None
         progress = min(batch / self.schedule_batches, 1.0)
         points = self.replay_schedule
         i = bisect.bisect_right([p for p, _ in points], progress)
         if i == 0:
-            return self._count(points[0][1])
+            return points[0][1]
         if i == len(points):
-            return self._count(points[-1][1])
+            return points[-1][1]
         (p0, r0), (p1, r1) = points[i - 1], points[i]
-        return self._count(r0 + (r1 - r0) * (progress - p0) / (p1 - p0))
+        return r0 + (r1 - r0) * (progress - p0) / (p1 - p0)
+
+    def replay_count(self, batch: int) -> int:
+        """Pool samples in the fit's ``batch``-th batch (``budget="samples"``)."""
+        return self.replay if self.replay_schedule is None else self._count(self.replay_share(batch))
 
     # ----------------------------------------------------------------------------------------------------- bins
     def _build_bins(self, num_bins: int, exclude_prior_incorrect: bool) -> None:
@@ -292,21 +327,46 @@ class CollateralDamageSampler(Sampler[list[int]]):
         """
         return torch.from_numpy(self._draw(self.replay if count is None else count))
 
-    def _draw(self, count: int) -> np.ndarray:
-        if count == 0:
-            return np.zeros(0, dtype=np.int64)
-        total = count * self.world_size
+    def _next(self, total: int) -> np.ndarray:
+        """The shared stream's next ``total`` pool positions."""
         if self.strategy == "loss_priority":
             idx = (self._cursor + np.arange(total)) % self._priority.size
             self._cursor = int((self._cursor + total) % self._priority.size)
-            drawn = self._priority[idx]
-        else:
-            bins = torch.multinomial(self.probabilities(), total, replacement=True, generator=self._generator).numpy()
-            uniform = torch.rand(total, generator=self._generator).numpy()
-            sizes = self._sizes[bins]
-            offsets = np.minimum((uniform * self._sizes_f[bins]).astype(np.int64), sizes - 1)
-            drawn = self._members[self._starts[bins] + offsets]
-        return drawn[self.rank * count : (self.rank + 1) * count]
+            return self._priority[idx]
+        bins = torch.multinomial(self.probabilities(), total, replacement=True, generator=self._generator).numpy()
+        uniform = torch.rand(total, generator=self._generator).numpy()
+        offsets = np.minimum((uniform * self._sizes_f[bins]).astype(np.int64), self._sizes[bins] - 1)
+        return self._members[self._starts[bins] + offsets]
+
+    def _draw(self, count: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        return self._next(count * self.world_size)[self.rank * count : (self.rank + 1) * count]
+
+    def _draw_tokens(self, budgets: np.ndarray) -> np.ndarray:
+        """This rank's pool positions for token budgets ``budgets`` (one per rank).
+
+        Every rank fills every rank's budget in rank order from the shared stream (it knows all ranks' fine-tuning
+        batches), so the stream, and the sampler state, stay identical across ranks; chunks sized by the mean pool
+        length keep the draws vectorised.
+        """
+        assert self._pool_lengths is not None
+        mean = max(float(self._pool_lengths.mean()), 1.0)
+        mine = np.zeros(0, dtype=np.int64)
+        for rank, budget in enumerate(budgets.tolist()):
+            taken: list[np.ndarray] = []
+            tokens = 0
+            while tokens < budget:
+                chunk = self._next(int((budget - tokens) / mean) + 1)
+                before = tokens + np.cumsum(self._pool_lengths[chunk]) - self._pool_lengths[chunk]
+                keep = int((before < budget).sum())  # up to and with the sample that crosses the budget
+                if self.strategy == "loss_priority":  # hand the unused positions back to the cycle
+                    self._cursor = int((self._cursor - (chunk.size - keep)) % self._priority.size)
+                taken.append(chunk[:keep])
+                tokens = int(before[keep - 1] + self._pool_lengths[chunk[keep - 1]])
+            if rank == self.rank and taken:
+                mine = np.concatenate(taken)
+        return mine
 
     # ------------------------------------------------------------------------------------------------ feedback
     def update(self, pool_positions: Tensor | np.ndarray, forgot: Tensor | np.ndarray) -> None:
@@ -350,7 +410,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
             out = (out * 6364136223846793005 + int(v) + 1442695040888963407) % (2**63)
         return out
 
-    def _shard(self) -> np.ndarray:
+    def _order(self) -> np.ndarray:
+        """This epoch's fine-tuning order, padded to a multiple of ``world_size`` (rank ``r`` takes ``r::world``)."""
         if self.shuffle:
             gen = torch.Generator().manual_seed(self._mix(self.seed, self.epoch))
             order = torch.randperm(self.num_finetune, generator=gen).numpy()
@@ -359,7 +420,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         padding = -self.num_finetune % self.world_size  # equal shards: every rank runs the same number of steps
         if padding:
             order = np.concatenate([order, np.resize(order, padding)])
-        return order[self.rank :: self.world_size]
+        return order
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch start; the fine-tuning order depends on it."""
@@ -375,11 +436,22 @@ class CollateralDamageSampler(Sampler[list[int]]):
         return self.num_batches(self.num_finetune, self.batch_size, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
-        shard, start = self._shard(), self.epoch * len(self)
+        order, start, b = self._order(), self.epoch * len(self), self.batch_size
+        shard = order[self.rank :: self.world_size]
+        # budget="tokens": the fine-tuning tokens of every rank's batches (row r: rank r's shard), to size every
+        # rank's replay
+        tokens = (
+            None if self._finetune_lengths is None else self._finetune_lengths[order.reshape(-1, self.world_size).T]
+        )
         for i in range(len(self)):
-            finetune = shard[i * self.batch_size : (i + 1) * self.batch_size]
-            replay = self._draw(self.replay_count(start + i)) + self.num_finetune
-            yield np.concatenate([finetune, replay]).tolist()
+            finetune = shard[i * b : (i + 1) * b]
+            if tokens is None:
+                replay = self._draw(self.replay_count(start + i))
+            else:
+                share = self.replay_share(start + i)
+                budgets = np.rint(tokens[:, i * b : (i + 1) * b].sum(1) * share / (1.0 - share)).astype(np.int64)
+                replay = self._draw_tokens(budgets)
+            yield np.concatenate([finetune, replay + self.num_finetune]).tolist()
 
     def is_replay(self, indices: Tensor) -> Tensor:
         """Which concatenated-dataset indices come from the pool."""

@@ -5,13 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import TensorDataset
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.demos.digits import DigitsDataModule, load_digits_tensors
-from lightning_ft.demos.text import PydocTextDataModule
+from lightning_ft.demos.text import PydocTextDataModule, pydoc_chunks
 from lightning_ft.rehearsal import RehearsalDataModule
 
-__all__ = ["digits", "digits_datamodule", "pydoc_datamodule", "rehearsal_datamodule", "small_digits_datamodule"]
+__all__ = [
+    "VariableLengthText",
+    "digits",
+    "digits_datamodule",
+    "pad_collate",
+    "pydoc_datamodule",
+    "rehearsal_datamodule",
+    "small_digits_datamodule",
+    "variable_length_chunks",
+]
 
 
 def pydoc_datamodule(**overrides: Any) -> PydocTextDataModule:
@@ -48,3 +59,40 @@ def rehearsal_datamodule(**overrides: Any) -> RehearsalDataModule:
     )
     kwargs: dict[str, Any] = {"replay_per_step": 4, "num_bins": 4}
     return RehearsalDataModule(finetune, TensorDataset(x[200:400], y[200:400]), **{**kwargs, **overrides})
+
+
+def variable_length_chunks(
+    domain: str, n: int, seed: int, min_len: int = 4, max_len: int = 32
+) -> list[dict[str, Tensor]]:
+    """``n`` pydoc chunks of ``domain`` cut to random lengths in [min_len, max_len]: ``{"input_ids", "labels"}``."""
+    chunks = pydoc_chunks(max_len, domain)[:n]
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [{"input_ids": c[:k], "labels": c[:k]} for c, k in zip(chunks, lengths, strict=True)]
+
+
+def pad_collate(samples: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """Right-pads ``input_ids`` (0) and ``labels`` (-100) and adds the ``attention_mask``; stacks other entries."""
+    width = max(s["input_ids"].numel() for s in samples)
+    out: dict[str, Tensor] = {
+        "input_ids": torch.zeros(len(samples), width, dtype=torch.long),
+        "labels": torch.full((len(samples), width), -100, dtype=torch.long),
+        "attention_mask": torch.zeros(len(samples), width, dtype=torch.long),
+    }
+    for i, s in enumerate(samples):
+        k = s["input_ids"].numel()
+        out["input_ids"][i, :k], out["labels"][i, :k], out["attention_mask"][i, :k] = s["input_ids"], s["labels"], 1
+    for key in samples[0].keys() - out.keys():
+        out[key] = torch.as_tensor([s[key] for s in samples])
+    return out
+
+
+class VariableLengthText(pl.LightningDataModule):
+    """Causal-LM fine-tuning data of variable length (:func:`variable_length_chunks` of the "finetune" pydoc topics),
+    padded per batch; no validation data."""
+
+    def __init__(self, n: int = 24, batch_size: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        self.samples, self.batch_size = variable_length_chunks("finetune", n, seed), batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.samples, batch_size=self.batch_size, collate_fn=pad_collate)  # type: ignore[arg-type]

@@ -1,0 +1,168 @@
+"""Token budgets (``budget="tokens"``): each batch rehearses pool samples until their tokens reach the share of the
+batch's fine-tuning tokens; the same stream and state on every rank; the data module counts tokens; DDP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_ft.demos._common import cpu_trainer
+from lightning_ft.demos.rehearsal_text import RehearsalLM
+from lightning_ft.rehearsal import (
+    STRATEGIES,
+    CollateralDamageSampler,
+    ReferenceStatistics,
+    RehearsalDataModule,
+    RehearsalFeedback,
+    WithSampleIds,
+    num_tokens,
+)
+from tests.helpers.data import VariableLengthText, pad_collate, variable_length_chunks
+from tests.helpers.ddp import run_ddp_script
+from tests.helpers.models import TINY_LM
+from tests.rehearsal.test_text import Outputs
+
+N, M, BATCH = 60, 200, 6
+
+
+def lengths(n: int, seed: int, low: int = 1, high: int = 40) -> torch.Tensor:
+    return torch.randint(low, high + 1, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def make(**kwargs) -> CollateralDamageSampler:
+    gen = torch.Generator().manual_seed(0)
+    defaults = {
+        "num_finetune": N,
+        "pool_loss": torch.rand(M, generator=gen),
+        "pool_correct": torch.rand(M, generator=gen) > 0.2,
+        "batch_size": BATCH,
+        "replay_ratio": 0.2,
+        "budget": "tokens",
+        "pool_lengths": lengths(M, 1),
+        "finetune_lengths": lengths(N, 2),
+    }
+    return CollateralDamageSampler(**{**defaults, **kwargs})
+
+
+def check_budgets(sampler: CollateralDamageSampler, batches: list[list[int]], share: float, n: int = N) -> None:
+    pool_len, ft_len = sampler._pool_lengths, sampler._finetune_lengths
+    for batch in batches:
+        ft = [i for i in batch if i < n]
+        replay = [i - n for i in batch if i >= n]
+        budget = round(int(ft_len[ft].sum()) * share / (1 - share))
+        tokens = int(pool_len[replay].sum())
+        assert tokens >= budget, "the batch rehearses at least its budget"
+        assert tokens - int(pool_len[replay[-1]]) < budget, "it stops at the sample that crosses the budget"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_batch_rehearses_its_token_share(strategy):
+    sampler = make(strategy=strategy)
+    batches = list(sampler)
+    assert len(batches) == 10
+    check_budgets(sampler, batches, 0.2)
+    counts = [sum(i >= N for i in b) for b in batches]
+    assert len(set(counts)) > 1, "variable lengths give variable sample counts"
+    # over the epoch, the replay share of tokens is close to 20%
+    ft = sum(int(sampler._finetune_lengths[[i for i in b if i < N]].sum()) for b in batches)
+    replay = sum(int(sampler._pool_lengths[[i - N for i in b if i >= N]].sum()) for b in batches)
+    assert 0.19 < replay / (ft + replay) < 0.30
+
+
+def test_ranks_fill_their_own_budgets_from_one_stream():
+    samplers = [make(rank=r, world_size=2, num_finetune=N + 1, finetune_lengths=lengths(N + 1, 2)) for r in range(2)]
+    epochs = [list(s) for s in samplers]
+    assert len(epochs[0]) == len(epochs[1]) == 6  # 61 samples padded to 62: 31 per rank
+    for sampler, batches in zip(samplers, epochs, strict=True):
+        check_budgets(sampler, batches, 0.2, n=N + 1)
+    states = [s.state_dict() for s in samplers]
+    assert torch.equal(states[0]["generator"], states[1]["generator"]), "the ranks advance the same stream"
+    replay = [[i for b in batches for i in b if i > N] for batches in epochs]
+    assert replay[0] != replay[1], "the ranks rehearse different samples"
+
+
+def test_loss_priority_hands_unused_positions_back():
+    sampler = make(strategy="loss_priority")
+    drawn = [i - N for b in sampler for i in b if i >= N]
+    priority = sampler._priority
+    assert drawn == priority[np.arange(len(drawn)) % priority.size].tolist(), "one contiguous cycle, nothing skipped"
+
+
+def test_schedule_and_resume_in_token_mode():
+    sampler = make(replay_schedule=[(0.0, 0.5), (1.0, 0.1)], schedule_batches=20)
+    first = list(sampler)
+    check_budgets(sampler, first[:1], 0.5)
+    sampler.set_epoch(1)
+    state = sampler.state_dict()
+    second = list(sampler)
+    restored = make(replay_schedule=[(0.0, 0.5), (1.0, 0.1)], schedule_batches=20)
+    restored.load_state_dict(state)
+    assert list(restored) == second
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pool_lengths": None}, "pool_lengths"),
+        ({"finetune_lengths": None}, "finetune_lengths"),
+        ({"pool_lengths": torch.ones(M - 1, dtype=torch.long)}, "pool_lengths"),
+        ({"finetune_lengths": torch.zeros(N, dtype=torch.long)}, "finetune_lengths"),
+        ({"pool_lengths": torch.ones(M)}, "integer"),
+        ({"replay_per_step": 2}, "replay_ratio"),
+        ({"budget": "flops"}, "budget"),
+    ],
+)
+def test_token_budget_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+def test_num_tokens():
+    assert num_tokens({"input_ids": torch.arange(5), "attention_mask": torch.tensor([1, 1, 1, 0, 0])}) == 3
+    assert num_tokens({"input_ids": [1, 2, 3, 4]}) == 4
+    assert num_tokens((torch.arange(7), 1)) == 7
+    assert num_tokens(torch.zeros(2, 3)) == 6
+    with pytest.raises(ValueError, match="cannot count the tokens"):
+        num_tokens({"pixel_values": torch.zeros(3)})
+
+
+@pytest.mark.slow
+def test_datamodule_token_budget_with_an_lm():
+    torch.manual_seed(0)
+    module = RehearsalLM(**TINY_LM, lr=1e-3, dropout=0.0)
+    module.correct_threshold = 0.0
+    pool = variable_length_chunks("pretrain", 40, seed=1)
+    # a random model gets no chunk right at the default threshold: count every pool chunk as prior-correct
+    loader = DataLoader(WithSampleIds(pool), batch_size=16, collate_fn=pad_collate)  # type: ignore[arg-type]
+    stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=0.0)
+    data = RehearsalDataModule(
+        VariableLengthText(n=24, batch_size=4),
+        pool,
+        strategy="mixcd",
+        num_bins=4,
+        budget="tokens",
+        replay_ratio=0.25,
+        task="causal_lm",
+        pool_statistics=stats,
+    )
+    outputs = Outputs()
+    cpu_trainer(2, [RehearsalFeedback(), outputs], use_distributed_sampler=False).fit(module, data)
+    assert data.sampler is not None and data.sampler.budget == "tokens"
+    assert int(data.sampler.seen.sum()) == sum(int((b["sample_id"] >= 24).sum()) for _, b in outputs.steps)
+    for _, batch in outputs.steps:
+        replay = batch["sample_id"] >= 24
+        tokens = batch["attention_mask"].sum(1)
+        budget = round(int(tokens[~replay].sum()) * 0.25 / 0.75)
+        assert int(tokens[replay].sum()) >= budget > int(tokens[replay].sum()) - int(tokens[replay][-1])
+
+
+@pytest.mark.slow
+def test_ddp_token_budget_ranks_agree(tmp_path):
+    r0, r1 = run_ddp_script("ddp_rehearsal_tokens.py", tmp_path)
+    assert r0["param_max_diff"] == 0.0 and r1["param_max_diff"] == 0.0
+    assert r0["state"] == r1["state"] and r0["global_step"] == r1["global_step"] > 0
+    assert r0["replay_counts"] != r1["replay_counts"], "the ranks rehearse different numbers of samples"
+    # every rank's sampler saw every rank's rehearsed samples (the padded all-gather)
+    assert r0["seen"] == sum(r0["replay_counts"]) + sum(r1["replay_counts"])
