@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ActivenessAwareFineTuning": "lightning_ft.backdoor",
     "AttackSuccessRate": "lightning_ft.backdoor",
+    "FLOWReweighting": "lightning_ft.rehearsal",
     "FLOWWeightedLoss": "lightning_ft.rehearsal",
     "FLOWWeighting": "lightning_ft.rehearsal",
     "LearnedMaskPruning": "lightning_ft.pruning",
@@ -31,6 +32,7 @@ _LAZY = {
 __all__ = [
     "ActivenessAwareFineTuning",
     "AttackSuccessRate",
+    "FLOWReweighting",
     "FLOWWeightedLoss",
     "FLOWWeighting",
     "LearnedMaskPruning",
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
         NGramRegularizer,
     )
     from lightning_ft.pruning import LearnedMaskPruning, ReconstructiveNeuronPruning
-    from lightning_ft.rehearsal import FLOWWeightedLoss, FLOWWeighting, ReferenceStatistics
+    from lightning_ft.rehearsal import FLOWReweighting, FLOWWeightedLoss, FLOWWeighting, ReferenceStatistics
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,7 @@ from lightning_ft.demos._common import cpu_trainer, prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
 from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
-from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
+from lightning_ft.rehearsal.flow import FLOWWeighting
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 
 __all__ = [
@@ -81,7 +81,7 @@ class RehearsalDemoConfig:
             raise ValueError(f"`kinds` must be a subset of {KINDS}, got unknown {sorted(unknown)}.")
 
 
-class FLOWClassifier(FLOWWeightedLoss, ImageClassifier):
+class FLOWClassifier(ImageClassifier):
     """:class:`ImageClassifier` whose training loss on ``(x, y, sample_id)`` batches is FLOW-weighted.
 
     With ``num_finetune`` set (FLOW + rehearsal), samples with ids from ``num_finetune`` on are rehearsed pool samples:

@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_ft.rehearsal.flow import FLOWWeightedLoss
+
 __all__ = ["ImageClassifier", "SmallBNCNN"]
 
 
@@ -48,12 +50,14 @@ def mlp(in_features: int = 64, num_classes: int = 10, width: int = 128) -> nn.Mo
     )
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(FLOWWeightedLoss, pl.LightningModule):
     """Cross-entropy classifier over ``(image, label)`` batches (SGD with momentum, or Adam); logs ``train_loss``,
     ``val_acc``.
 
     Batches ``(image, label, sample_id)`` (e.g. from a :class:`~lightning_ft.rehearsal.RehearsalDataModule`) make
-    ``training_step`` also return the per-sample outputs :class:`~lightning_ft.rehearsal.RehearsalFeedback` reads.
+    ``training_step`` also return the per-sample outputs :class:`~lightning_ft.rehearsal.RehearsalFeedback` reads,
+    and FLOW-weight the loss when ``flow_weighting`` is set (e.g. by :class:`~lightning_ft.rehearsal.FLOWReweighting`;
+    a plain mean otherwise).
 
     Args:
         arch: ``"bn_cnn"`` (:class:`SmallBNCNN`), ``"mlp"`` (:func:`mlp` on flattened 8x8 images, width ``2 * 64``
@@ -101,7 +105,7 @@ class ImageClassifier(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         losses = nn.functional.cross_entropy(logits, y, reduction="none")
-        loss = losses.mean()
+        loss = losses.mean() if len(batch) < 3 else self.flow_loss(losses, batch[2])
         self.log("train_loss", loss, prog_bar=True)
         if len(batch) < 3:
             return loss

@@ -3,14 +3,15 @@
 * :class:`ReferenceStatistics`: one no-grad pass of the frozen starting model, per-sample loss and correctness (and
   per-token NLL for causal LMs) by stable sample id (:class:`WithSampleIds`), DDP-gathered, saved and loaded.
 * FLOW (Sanyal et al., ICML 2025): :class:`FLOWWeighting` (``w = exp(-ref_loss / tau)``, ``tau`` = median) and the
-  :class:`FLOWWeightedLoss` LightningModule mixin; pure functions in :mod:`lightning_ft.rehearsal.functional`.
+  :class:`FLOWWeightedLoss` LightningModule mixin; :class:`FLOWReweighting` runs the statistics pass at the start of
+  training and installs the weights; pure functions in :mod:`lightning_ft.rehearsal.functional`.
 * :class:`CollateralDamageSampler`: the mix-cd batch sampler (and its baselines) over fine-tuning data + a rehearsal
   pool, fed with which rehearsed samples were forgotten; :class:`RehearsalDataModule` wraps a fine-tuning data module
   and a pool into it (replay share by samples or tokens, with a schedule and replay-only transforms), and
   :class:`RehearsalFeedback` reports the forgotten samples from ``training_step`` outputs.
 """
 
-from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback, num_tokens
+from lightning_ft.rehearsal.callbacks import FLOWReweighting, RehearsalDataModule, RehearsalFeedback, num_tokens
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
 from lightning_ft.rehearsal.functional import (
     causal_lm_correct,
@@ -27,6 +28,7 @@ from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 __all__ = [
     "STRATEGIES",
     "CollateralDamageSampler",
+    "FLOWReweighting",
     "FLOWWeightedLoss",
     "FLOWWeighting",
     "ReferenceStatistics",

@@ -10,14 +10,17 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_bar_chart, log_scalars
+from lightning_ft._internal.validation import check_int
+from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting, Level
+from lightning_ft.rehearsal.functional import Normalize
 from lightning_ft.rehearsal.sampler import Budget, CollateralDamageSampler, Strategy
-from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
+from lightning_ft.rehearsal.statistics import ReferenceStatistics, Task, WithSampleIds
 
-__all__ = ["RehearsalDataModule", "RehearsalFeedback", "num_tokens"]
+__all__ = ["FLOWReweighting", "RehearsalDataModule", "RehearsalFeedback", "num_tokens"]
 
 
 class _ReplayTransformed(Dataset):
@@ -372,3 +375,115 @@ class RehearsalFeedback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict.get("sampler")
+
+
+class FLOWReweighting(Callback):
+    """FLOW without a hand-written statistics pass: at the start of training, one no-grad pass of the starting model
+    over the training set gives every sample's reference loss, and the module's loss is weighted by
+    ``w = exp(-ref_loss / tau)`` from then on (Sanyal et al., ICML 2025).
+
+    The module must use :class:`~lightning_ft.rehearsal.FLOWWeightedLoss` (``self.flow_loss(losses, ids)`` or
+    ``self.flow_token_loss(...)`` in ``training_step``) and its training samples must carry ids
+    (:class:`~lightning_ft.rehearsal.WithSampleIds`). The pass reads the training DataLoader's dataset in order
+    (under DDP each rank reads its shard and the results are all-gathered, so every rank holds the same weights) and
+    logs ``flow/tau`` and ``flow/mean_weight``. The statistics are checkpointed: a resumed fit reuses them rather than
+    recomputing them from resumed weights.
+
+    Args:
+        tau, level, normalize: see :class:`~lightning_ft.rehearsal.FLOWWeighting` (``tau`` None: the median
+            reference loss).
+        task: ``"classification"`` or ``"causal_lm"`` (the statistics pass; ``level="token"`` needs
+            ``"causal_lm"``).
+        batch_size: batch size of the pass; None: the training DataLoader's (256 when it has a batch sampler).
+
+    Example::
+
+        class Classifier(FLOWWeightedLoss, pl.LightningModule):
+            def training_step(self, batch, batch_idx):
+                x, y, ids = batch  # WithSampleIds(dataset) appends the id
+                return self.flow_loss(F.cross_entropy(self(x), y, reduction="none"), ids)
+
+
+        Trainer(callbacks=[FLOWReweighting()]).fit(Classifier.load_from_checkpoint("pretrained.ckpt"), loader)
+
+    Reference: Sanyal, Prairie, Das, Kavis, Sanghavi, "Upweighting Easy Samples in Fine-Tuning Mitigates
+    Forgetting", ICML 2025, arXiv:2502.02797.
+    """
+
+    def __init__(
+        self,
+        tau: float | None = None,
+        level: Level = "sequence",
+        normalize: Normalize = "none",
+        task: Task = "classification",
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if tau is not None and not (isinstance(tau, (int, float)) and tau > 0):
+            raise ValueError(f"`tau` must be > 0 or None (the median reference loss), got {tau!r}.")
+        if level not in ("sequence", "token"):
+            raise ValueError(f'`level` must be "sequence" or "token", got {level!r}.')
+        if normalize not in ("none", "mean1"):
+            raise ValueError(f'`normalize` must be "none" or "mean1", got {normalize!r}.')
+        if task not in ("classification", "causal_lm"):
+            raise ValueError(f'`task` must be "classification" or "causal_lm", got {task!r}.')
+        if level == "token" and task != "causal_lm":
+            raise ValueError("level='token' weights the tokens of a causal LM: set task='causal_lm'.")
+        check_int("batch_size", batch_size, allow_none=True)
+        self.tau, self.level, self.normalize, self.task, self.batch_size = tau, level, normalize, task, batch_size
+        self.statistics: ReferenceStatistics | None = None
+
+    def _loader(self, trainer: pl.Trainer) -> DataLoader:
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "FLOWReweighting reads the training set from the fit's single training DataLoader; for other setups"
+                " compute ReferenceStatistics yourself and set `module.flow_weighting = FLOWWeighting(statistics)`."
+            )
+        sampler = None
+        if trainer.world_size > 1:  # each rank passes its shard; compute() gathers them
+            sampler = DistributedSampler(
+                loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            loader.dataset,
+            batch_size=self.batch_size or loader.batch_size or 256,
+            sampler=sampler,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, FLOWWeightedLoss):
+            raise ValueError(
+                f"FLOWReweighting weights the loss of a FLOWWeightedLoss module; {type(pl_module).__name__} is not one:"
+                " add the mixin (class MyModule(FLOWWeightedLoss, pl.LightningModule)) and return"
+                " self.flow_loss(per_sample_losses, sample_ids) from training_step."
+            )
+        if self.statistics is None:  # a resumed fit has them from the checkpoint
+            self.statistics = ReferenceStatistics.compute(
+                pl_module,
+                self._loader(trainer),
+                task=self.task,
+                store_token_nll=self.level == "token",
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+            )
+        weighting = FLOWWeighting(self.statistics, self.tau, self.level, self.normalize)
+        pl_module.flow_weighting = weighting
+        log_scalars(trainer, {"flow/tau": weighting.tau, "flow/mean_weight": float(weighting.weights.nanmean())})
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.statistics is None:
+            return {}
+        stats = self.statistics
+        state = {"sample_ids": stats.sample_ids, "loss": stats.loss, "correct": stats.correct}
+        return state if stats.token_nll is None else {**state, "token_nll": stats.token_nll}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "loss" in state_dict:
+            self.statistics = ReferenceStatistics(
+                state_dict["sample_ids"], state_dict["loss"], state_dict["correct"], state_dict.get("token_nll")
+            )

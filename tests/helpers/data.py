@@ -11,12 +11,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.demos.digits import DigitsDataModule, load_digits_tensors
 from lightning_ft.demos.text import PydocTextDataModule, pydoc_chunks
-from lightning_ft.rehearsal import RehearsalDataModule
+from lightning_ft.rehearsal import RehearsalDataModule, WithSampleIds
 
 __all__ = [
     "VariableLengthText",
     "digits",
     "digits_datamodule",
+    "flow_datamodule",
     "pad_collate",
     "pydoc_datamodule",
     "rehearsal_datamodule",
@@ -96,3 +97,24 @@ class VariableLengthText(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.samples, batch_size=self.batch_size, collate_fn=pad_collate)  # type: ignore[arg-type]
+
+
+class _Loaders(pl.LightningDataModule):
+    def __init__(self, train: Any, val: Any, batch_size: int) -> None:
+        super().__init__()
+        self.train, self.val, self.batch_size = train, val, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=64)
+
+
+def flow_datamodule(batch_size: int = 16) -> pl.LightningDataModule:
+    """The task B of :func:`rehearsal_datamodule` (128 inverted digits, labels shifted by 3) with sample ids appended
+    (:class:`WithSampleIds`), in order (exact resume comparisons); 64 validation samples."""
+    x, y = load_digits_tensors(8)
+    xb, yb = 1 - x, (y + 3) % 10
+    train = WithSampleIds(TensorDataset(xb[:128], yb[:128]))
+    return _Loaders(train, TensorDataset(xb[1500:1564], yb[1500:1564]), batch_size)

@@ -14,7 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 import lightning_ft.callbacks as ft_callbacks
-from tests.helpers.data import pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
+from tests.helpers.data import flow_datamodule, pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
 from tests.helpers.models import tiny_classifier, tiny_lm_module, tiny_mlp_classifier
 
 __all__ = ["REGISTRY", "Entry"]
@@ -34,6 +34,9 @@ class Entry:
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     # a metric logged alongside this callback and its better direction, for ModelCheckpoint in the composition test
     monitor: tuple[str, str] = ("mem/ngram", "min")
+    # the composition test fits a model family's callbacks on the data (and module, monitor) of its entry with the
+    # highest value: data that one callback requires (RehearsalFeedback's sampler) and the others accept
+    group_data_priority: int = 0
 
     def make(self) -> pl.Callback:
         return self.cls(**self.kwargs)
@@ -69,6 +72,15 @@ REGISTRY: dict[str, Entry] = {
         make_data=rehearsal_datamodule,
         yaml="rehearsal_feedback.yaml",
         trainer_kwargs={"use_distributed_sampler": False},
+        group_data_priority=1,
+        monitor=("val_acc", "max"),
+    ),
+    "FLOWReweighting": Entry(
+        ft_callbacks.FLOWReweighting,
+        {"batch_size": 64},
+        make_module=tiny_mlp_classifier,
+        make_data=flow_datamodule,
+        yaml="flow_reweighting.yaml",
         monitor=("val_acc", "max"),
     ),
     "LearnedMaskPruning": Entry(
