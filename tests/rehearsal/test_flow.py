@@ -320,7 +320,7 @@ def test_repr_names_level_and_tau():
 N_FIT = 97  # odd: the median is one sample's loss
 
 
-class FlowClassifier(FLOWWeightedLoss, ImageClassifier):
+class FlowClassifier(ImageClassifier):  # ImageClassifier is a FLOWWeightedLoss
     """Digits classifier whose training loss goes through ``flow_loss``; records what reaches backward."""
 
     def __init__(self) -> None:
