@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,9 @@ from torch.utils.data import Dataset
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.validation import check_int
 from lightning_ft.memorisation.functional import ngram_regularizer, token_logprobs, validate_ngram_sizes
+
+if TYPE_CHECKING:
+    from lightning_ft.rehearsal.statistics import ReferenceStatistics
 
 __all__ = [
     "NGramRegularizedLM",
@@ -146,6 +149,24 @@ class ReferenceLogProbDataset(Dataset):
         if len(dataset) != logprobs.shape[0]:  # type: ignore[arg-type]
             raise ValueError(f"dataset has {len(dataset)} samples but `logprobs` has {logprobs.shape[0]} rows.")  # type: ignore[arg-type]
         self.dataset, self.logprobs, self.key = dataset, logprobs, key
+
+    @classmethod
+    def from_statistics(
+        cls, dataset: Dataset, statistics: ReferenceStatistics, offset: int = 0, key: str = "ref_logprobs"
+    ) -> ReferenceLogProbDataset:
+        """The cache from the rehearsal family's reference pass, so one pass of the frozen model serves FLOW, mix-cd
+        and this regulariser.
+
+        ``statistics`` must come from ``ReferenceStatistics.compute(model, <loader over WithSampleIds(dataset,
+        offset)>, task="causal_lm", store_token_nll=True)``; positions without a supervised label get log-prob 0
+        (the regulariser's mask leaves them out).
+        """
+        if statistics.token_nll is None:
+            raise ValueError(
+                "the statistics hold no per-token losses: compute them with task='causal_lm', store_token_nll=True."
+            )
+        positions = statistics.positions(torch.arange(len(dataset)) + offset)  # type: ignore[arg-type]
+        return cls(dataset, (-statistics.token_nll[positions]).nan_to_num(0.0), key)
 
     def __len__(self) -> int:
         return self.logprobs.shape[0]

@@ -16,6 +16,7 @@ from lightning_ft.memorisation import (
     compute_reference_logprobs,
 )
 from lightning_ft.memorisation.functional import token_logprobs
+from lightning_ft.rehearsal import ReferenceStatistics, WithSampleIds
 from tests.helpers.models import tiny_lm
 
 
@@ -107,6 +108,27 @@ def test_cache_source_equals_model_source():
     cached = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     expected = lm_model.regularized_lm_loss(b, log=False)
     assert torch.allclose(lm_cache.regularized_lm_loss(cached, log=False), expected, atol=1e-5)
+
+
+def test_cache_from_reference_statistics_equals_the_cache_pass():
+    """One reference pass serves the rehearsal family and this regulariser: the cache built from ReferenceStatistics
+    equals compute_reference_logprobs, and so does the regularised loss."""
+    lm_model, lm_cache = LM("model"), LM("cache")
+    perturb(lm_model.model)
+    lm_cache.model.load_state_dict(lm_model.model.state_dict())
+    b = batch()
+    samples = [{"input_ids": r, "labels": r} for r in b["input_ids"]]
+    loader = torch.utils.data.DataLoader(WithSampleIds(samples, offset=5), batch_size=3)  # type: ignore[arg-type]
+    stats = ReferenceStatistics.compute(lm_model.ngram_reference_model, loader, task="causal_lm", store_token_nll=True)
+    dataset = ReferenceLogProbDataset.from_statistics(samples, stats, offset=5)  # type: ignore[arg-type]
+    direct = compute_reference_logprobs(lm_model.ngram_reference_model, b["input_ids"])
+    assert torch.allclose(dataset.logprobs, direct, atol=1e-5)
+    cached = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    expected = lm_model.regularized_lm_loss(b, log=False)
+    assert torch.allclose(lm_cache.regularized_lm_loss(cached, log=False), expected, atol=1e-5)
+    without_tokens = ReferenceStatistics.compute(lm_model.ngram_reference_model, loader, task="causal_lm")
+    with pytest.raises(ValueError, match="store_token_nll"):
+        ReferenceLogProbDataset.from_statistics(samples, without_tokens, offset=5)  # type: ignore[arg-type]
 
 
 def test_adapter_source_uses_the_disabled_adapter():
