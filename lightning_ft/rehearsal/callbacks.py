@@ -58,8 +58,9 @@ def num_tokens(sample: Any) -> int:
     )
 
 
-def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> int:
-    """The number of sampler batches in the whole fit, from the Trainer's limits (a replay schedule runs over it)."""
+def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
+    """The sampler batches of the whole fit (a replay schedule runs over them) and of one epoch, from the Trainer's
+    limits."""
     limit = trainer.limit_train_batches
     if limit is not None:
         per_epoch = min(per_epoch, int(limit)) if isinstance(limit, int) else int(per_epoch * float(limit))
@@ -73,7 +74,7 @@ def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> int:
             "`replay_schedule` runs over the whole fit, which has no end here: give the Trainer max_epochs or"
             " max_steps."
         )
-    return max(1, min(totals))
+    return max(1, min(totals)), max(1, per_epoch)
 
 
 class RehearsalDataModule(pl.LightningDataModule):
@@ -218,12 +219,12 @@ class RehearsalDataModule(pl.LightningDataModule):
             )
         finetune = inner.dataset
         n = len(finetune)  # type: ignore[arg-type]
-        schedule_batches = None
+        schedule_batches = epoch_batches = None
         if self.sampler_kwargs["replay_schedule"] is not None:
             if trainer is None:
                 raise ValueError("`replay_schedule` runs over the fit's batches: use the data module in a Trainer.")
             per_epoch = CollateralDamageSampler.num_batches(n, inner.batch_size, world_size, inner.drop_last)
-            schedule_batches = _schedule_batches(trainer, per_epoch)
+            schedule_batches, epoch_batches = _schedule_batches(trainer, per_epoch)
         lengths: dict[str, list[int]] = {}
         if self.sampler_kwargs["budget"] == "tokens":
             if self._lengths is None:  # once: datasets are not re-tokenised between epochs
@@ -243,6 +244,7 @@ class RehearsalDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             schedule_batches=schedule_batches,
+            epoch_batches=epoch_batches,
             **lengths,
             **self.sampler_kwargs,
         )

@@ -71,7 +71,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
       ``"loss_priority"``: the highest reference losses first, cycling through the pool in that order.
 
     ``replay_schedule`` changes the replay share during training: piecewise-linear points ``(progress, ratio)`` with
-    progress in [0, 1] the share of ``schedule_batches`` drawn so far (``epoch * len(self) + batch``), e.g.
+    progress in [0, 1] the share of ``schedule_batches`` drawn so far (``epoch * epoch_batches + batch``), e.g.
     ``[(0.0, 0.25), (1.0, 0.05)]`` decays the share from 25% to 5% of each batch. The count of a batch follows from
     its index alone, so every rank, and a resumed run, draws the same count.
 
@@ -95,6 +95,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
             constant before the first point and after the last.
         schedule_batches: the number of batches the schedule's progress runs over (the whole fit:
             :class:`RehearsalDataModule` sets it from the Trainer's ``max_epochs`` / ``max_steps``).
+        epoch_batches: the batches of an epoch the fit consumes, for the schedule's progress (None: ``len(self)``;
+            fewer under the Trainer's ``limit_train_batches``, which :class:`RehearsalDataModule` passes on).
         budget: ``"samples"``: the replay share counts samples; ``"tokens"`` (causal LMs with sequences of different
             lengths): it counts tokens, i.e. each batch rehearses pool samples until their tokens reach
             ``ratio / (1 - ratio)`` times the tokens of the batch's fine-tuning samples (the sample that crosses the
@@ -128,6 +130,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         replay_per_step: int | None = None,
         replay_schedule: Sequence[Sequence[float]] | None = None,
         schedule_batches: int | None = None,
+        epoch_batches: int | None = None,
         budget: Budget = "samples",
         pool_lengths: Sequence[int] | Tensor | None = None,
         finetune_lengths: Sequence[int] | Tensor | None = None,
@@ -182,7 +185,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
                     f" {groups.numel()} values of type {groups.dtype}."
                 )
         self.num_finetune, self.batch_size, self.strategy = num_finetune, batch_size, strategy
-        self.replay_schedule, self.schedule_batches = schedule, schedule_batches
+        check_int("epoch_batches", epoch_batches, allow_none=True)
+        self.replay_schedule, self.schedule_batches, self.epoch_batches = schedule, schedule_batches, epoch_batches
         if replay_per_step is not None:
             self.replay = replay_per_step
         else:
@@ -246,7 +250,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         return round(self.batch_size * ratio / (1.0 - ratio))
 
     def replay_share(self, batch: int) -> float:
-        """The replay share ``r / (b + r)`` of the fit's ``batch``-th batch (``epoch * len(self) + index``)."""
+        """The replay share ``r / (b + r)`` of the fit's ``batch``-th batch (``epoch * epoch_batches + index``)."""
         if self.replay_schedule is None:
             return self.replay_ratio
         assert self.schedule_batches is not None
@@ -436,7 +440,8 @@ class CollateralDamageSampler(Sampler[list[int]]):
         return self.num_batches(self.num_finetune, self.batch_size, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order, start, b = self._order(), self.epoch * len(self), self.batch_size
+        order, b = self._order(), self.batch_size
+        start = self.epoch * (self.epoch_batches or len(self))  # the fit's batches before this epoch
         shard = order[self.rank :: self.world_size]
         # budget="tokens": the fine-tuning tokens of every rank's batches (row r: rank r's shard), to size every
         # rank's replay

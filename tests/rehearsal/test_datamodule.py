@@ -106,6 +106,13 @@ def test_datamodule_schedule_runs_over_the_whole_fit():
     ]
 
 
+def test_datamodule_schedule_follows_limit_train_batches():
+    data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
+    record = fit(data, max_epochs=3, limit_train_batches=2)  # 2 of 8 batches per epoch: 6 in the fit
+    assert data.sampler.schedule_batches == 6 and data.sampler.epoch_batches == 2
+    assert record.replay_counts == [round(16 * (6 - b) / (6 + b)) for b in range(6)]
+
+
 def test_datamodule_schedule_needs_an_end():
     data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
     with pytest.raises(ValueError, match="max_epochs or max_steps"):
