@@ -154,8 +154,8 @@ class ReferenceLogProbDataset(Dataset):
     def from_statistics(
         cls, dataset: Dataset, statistics: ReferenceStatistics, offset: int = 0, key: str = "ref_logprobs"
     ) -> ReferenceLogProbDataset:
-        """The cache from the rehearsal family's reference pass, so one pass of the frozen model serves FLOW, mix-cd
-        and this regulariser.
+        """The cache from the rehearsal family's reference statistics of the same dataset, so token-level FLOW (set
+        up by hand) and this regulariser share one pass of the frozen model.
 
         ``statistics`` must come from ``ReferenceStatistics.compute(model, <loader over WithSampleIds(dataset,
         offset)>, task="causal_lm", store_token_nll=True)``; positions without a supervised label get log-prob 0

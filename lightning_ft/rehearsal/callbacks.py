@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -67,8 +68,10 @@ def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
     totals = []
     if trainer.max_epochs is not None and trainer.max_epochs >= 0:
         totals.append(trainer.max_epochs * per_epoch)
-    if trainer.max_steps >= 0:
-        totals.append(trainer.max_steps * trainer.accumulate_grad_batches)
+    if trainer.max_steps >= 0:  # an epoch ends with an optimizer step even when its last accumulation is short
+        steps_per_epoch = math.ceil(per_epoch / trainer.accumulate_grad_batches)
+        epochs, rest = divmod(trainer.max_steps, steps_per_epoch)
+        totals.append(epochs * per_epoch + min(rest * trainer.accumulate_grad_batches, per_epoch))
     if not totals:
         raise ValueError(
             "`replay_schedule` runs over the whole fit, which has no end here: give the Trainer max_epochs or"
@@ -328,7 +331,7 @@ class RehearsalFeedback(Callback):
                 f" {type(outputs).__name__} {sorted(outputs) if isinstance(outputs, dict) else ''}."
             )
         ids = torch.as_tensor(per_sample["sample_id"]).detach().flatten()
-        correct = torch.as_tensor(per_sample["correct"]).detach().flatten()
+        correct = torch.as_tensor(per_sample["correct"]).detach().flatten().bool().to(ids.device)
         if correct.shape != ids.shape:
             raise ValueError(f"per_sample 'correct' has {correct.numel()} entries for {ids.numel()} sample ids.")
         log = trainer.global_step % self.log_every_n_steps == 0

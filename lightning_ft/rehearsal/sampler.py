@@ -53,6 +53,16 @@ def _host(values: Tensor | np.ndarray | Sequence[Any]) -> np.ndarray:
     return np.asarray(values)
 
 
+class _EpochHook:
+    """Receives Lightning's per-epoch ``set_epoch`` for a batch sampler."""
+
+    def __init__(self, owner: CollateralDamageSampler) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class CollateralDamageSampler(Sampler[list[int]]):
     """Batch sampler over ``ConcatDataset([finetune, pool])``: each batch holds ``batch_size`` fine-tuning indices
     (this rank's shard) followed by ``replay`` pool indices (offset by ``num_finetune``).
@@ -210,15 +220,29 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.alpha = torch.full((self.num_bins,), float(alpha_init))
         self.seen = torch.zeros(self.num_bins, dtype=torch.long)  # rehearsed samples reported per bin
         self.forgot = torch.zeros(self.num_bins, dtype=torch.long)  # ... of which forgotten
-        # the per-step bookkeeping runs on NumPy views of these CPU tensors (a few microseconds per operation, against
-        # tens for small torch ops): in-place updates of one are updates of the other
-        self._alpha, self._seen, self._forgot = self.alpha.numpy(), self.seen.numpy(), self.forgot.numpy()
         self._probabilities: Tensor | None = None  # pi, cached until the next update
         self.epoch = 0
         self._cursor = 0  # loss_priority position
         # one stream on every rank: each step draws world_size * replay samples and a rank keeps its own slice, so the
         # ranks rehearse different samples while their sampler states stay identical
         self._generator = torch.Generator().manual_seed(self._mix(seed, 1_000_003))
+        # Lightning calls set_epoch on ``loader.batch_sampler.sampler`` at every epoch start (not on batch samplers):
+        # this hook forwards it, so the shuffle and the replay schedule advance with or without RehearsalFeedback
+        self.sampler = _EpochHook(self)
+
+    # the per-step bookkeeping runs on NumPy views of the state tensors (a few microseconds per operation, against tens
+    # for small torch ops); taken afresh at each use, so copies, pickles and reassigned tensors never go stale
+    @property
+    def _alpha(self) -> np.ndarray:
+        return self.alpha.numpy()
+
+    @property
+    def _seen(self) -> np.ndarray:
+        return self.seen.numpy()
+
+    @property
+    def _forgot(self) -> np.ndarray:
+        return self.forgot.numpy()
 
     # ----------------------------------------------------------------------------------------------------- budget
     @staticmethod
@@ -310,7 +334,11 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self._pool_correct = self.pool_correct.numpy()
 
     def probabilities(self) -> Tensor:
-        """``pi``: the probability of drawing each bin at the next step."""
+        """``pi``: the probability of drawing each bin at the next step (a copy)."""
+        return self._pi().clone()
+
+    def _pi(self) -> Tensor:
+        # cached until the next update() or load_state_dict(): change the rates through those, not in place
         if self._probabilities is None:
             sizes = self._sizes_f
             uniform = sizes / sizes.sum()
@@ -337,7 +365,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
             idx = (self._cursor + np.arange(total)) % self._priority.size
             self._cursor = int((self._cursor + total) % self._priority.size)
             return self._priority[idx]
-        bins = torch.multinomial(self.probabilities(), total, replacement=True, generator=self._generator).numpy()
+        bins = torch.multinomial(self._pi(), total, replacement=True, generator=self._generator).numpy()
         uniform = torch.rand(total, generator=self._generator).numpy()
         offsets = np.minimum((uniform * self._sizes_f[bins]).astype(np.int64), self._sizes[bins] - 1)
         return self._members[self._starts[bins] + offsets]
@@ -389,15 +417,21 @@ class CollateralDamageSampler(Sampler[list[int]]):
         bins = self._bin_of[positions]
         seen = np.bincount(bins, minlength=self.num_bins)
         hits = np.bincount(bins[flags], minlength=self.num_bins)
-        self._seen += seen
-        self._forgot += hits
+        total_seen, total_forgot, alpha = self._seen, self._forgot, self._alpha  # views: updated in place
+        total_seen += seen
+        total_forgot += hits
         observed = seen > 0
         rate = hits[observed].astype(np.float32) / seen[observed].astype(np.float32)
-        self._alpha[observed] = np.float32(1 - self.beta) * self._alpha[observed] + np.float32(self.beta) * rate
+        alpha[observed] = np.float32(1 - self.beta) * alpha[observed] + np.float32(self.beta) * rate
         self._probabilities = None
 
     def forgotten(self, pool_positions: np.ndarray, correct: np.ndarray) -> np.ndarray:
         """Collateral damage: which rehearsed samples the prior model got right and the current one gets wrong."""
+        if pool_positions.size and pool_positions.max() >= self._pool_correct.size:
+            raise ValueError(
+                f"sample id {int(pool_positions.max()) + self.num_finetune} is past the pool's last id"
+                f" ({self.num_finetune + self._pool_correct.size - 1}): report the ids the data module appends."
+            )
         return self._pool_correct[pool_positions] & ~correct
 
     @property

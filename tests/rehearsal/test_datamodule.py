@@ -85,9 +85,10 @@ class RecordBatches(Callback):
         self.finetune_inputs.append(x[~replay])
 
 
-def fit(data, **trainer_kwargs) -> RecordBatches:
+def fit(data, feedback: bool = True, **trainer_kwargs) -> RecordBatches:
     record = RecordBatches()
-    trainer = quiet_trainer(callbacks=[RehearsalFeedback(), record], use_distributed_sampler=False, **trainer_kwargs)
+    callbacks = [RehearsalFeedback(), record] if feedback else [record]
+    trainer = quiet_trainer(callbacks=callbacks, use_distributed_sampler=False, **trainer_kwargs)
     trainer.fit(tiny_mlp_classifier(), data)
     return record
 
@@ -104,6 +105,22 @@ def test_datamodule_schedule_runs_over_the_whole_fit():
     assert data.sampler.schedule_batches == 6 and record.replay_counts == [
         round(16 * (6 - b) / (6 + b)) for b in range(6)
     ]
+
+
+def test_schedule_and_shuffle_advance_without_feedback():
+    """Baseline strategies need no RehearsalFeedback: Lightning's own set_epoch reaches the sampler."""
+    data = rehearsal_datamodule(strategy="random", replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
+    record = fit(data, feedback=False, max_epochs=2)
+    assert data.sampler.epoch == 1
+    assert record.replay_counts == [round(16 * (0.5 - b / 32) / (0.5 + b / 32)) for b in range(16)]
+
+
+def test_max_steps_with_a_short_last_accumulation():
+    # 8 batches per epoch, accumulation 3: steps end after batches 3, 6, 8 (the epoch's short last one), 11, 14, 16
+    data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
+    record = fit(data, max_epochs=5, max_steps=6, accumulate_grad_batches=3)
+    assert data.sampler.schedule_batches == 16 == len(record.replay_counts)
+    assert record.replay_counts[-1] == round(16 * (16 - 15) / (16 + 15))
 
 
 def test_datamodule_schedule_follows_limit_train_batches():

@@ -50,7 +50,7 @@ def test_works_as_a_dataloader_batch_sampler(pool):
     assert x.shape == (20, 2) and y[:10].eq(0).all() and y[10:].eq(1).all()
 
 
-def test_ranks_get_disjoint_shards_and_the_epoch_reshuffles(pool):
+def test_ranks_get_equal_padded_shards_and_the_epoch_reshuffles(pool):
     shards, lengths = [], []
     for rank in range(3):
         sampler = make(pool, num_finetune=100, rank=rank, world_size=3)
@@ -233,6 +233,21 @@ def test_bookkeeping_fuzz(pool, n, batch, world, replay, seed):
         assert bool(((sampler.alpha >= 0) & (sampler.alpha <= 1)).all())
     assert set(seen_ft) == set(range(n))  # every sample; padding repeats at most world - 1 of them
     assert len(seen_ft) == math.ceil(n / world) * world
+
+
+def test_copies_keep_state_and_probabilities_are_a_copy(pool):
+    import copy
+    import pickle
+
+    sampler = make(pool)
+    for clone in (copy.deepcopy(sampler), pickle.loads(pickle.dumps(sampler))):
+        positions = clone.draw()
+        clone.update(positions, torch.ones(positions.numel(), dtype=torch.bool))
+        assert int(clone.seen.sum()) == positions.numel() and clone.hit_rate == 1.0
+        assert int(sampler.seen.sum()) == 0, "the original is untouched"
+    pi = sampler.probabilities()
+    pi.zero_()
+    assert float(sampler.probabilities().sum()) == pytest.approx(1.0)
 
 
 def test_ranks_rehearse_different_samples_with_identical_state(pool):

@@ -166,3 +166,6 @@ def test_ddp_token_budget_ranks_agree(tmp_path):
     assert r0["replay_counts"] != r1["replay_counts"], "the ranks rehearse different numbers of samples"
     # every rank's sampler saw every rank's rehearsed samples (the padded all-gather)
     assert r0["seen"] == sum(r0["replay_counts"]) + sum(r1["replay_counts"])
+    assert 0 < r0["forgot"] < r0["seen"], (
+        "mixed flags: a misaligned gather of ids and flags would split the ranks' rates"
+    )
