@@ -142,6 +142,15 @@ class RehearsalDataModule(pl.LightningDataModule):
         super().__init__()
         if len(pool) == 0:  # type: ignore[arg-type]
             raise ValueError("the rehearsal pool is empty: pass the pretraining samples to rehearse.")
+        # argument errors now, not after the statistics pass and the token count at fit start
+        CollateralDamageSampler._check_schedule(replay_schedule, replay_per_step, 1)
+        if budget not in ("samples", "tokens"):
+            raise ValueError(f"`budget` must be 'samples' or 'tokens', got {budget!r}.")
+        if budget == "tokens" and replay_per_step is not None:
+            raise ValueError(
+                "`budget='tokens'` sets the replay by a ratio of tokens: pass `replay_ratio` or `replay_schedule`,"
+                " not `replay_per_step`."
+            )
         if replay_transform is not None and not callable(replay_transform):
             raise ValueError(f"`replay_transform` must be callable (sample input -> input), got {replay_transform!r}.")
         self.datamodule, self.pool, self.replay_transform = datamodule, pool, replay_transform
@@ -437,6 +446,13 @@ class FLOWReweighting(Callback):
         check_int("batch_size", batch_size, allow_none=True)
         self.tau, self.level, self.normalize, self.task, self.batch_size = tau, level, normalize, task, batch_size
         self.statistics: ReferenceStatistics | None = None
+        self._restored = False  # statistics from a checkpoint: keep them for this fit
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._restored:  # a new fit with this instance: its own starting model and data
+            self.statistics = None
+        self._restored = False
 
     def _loader(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -492,3 +508,4 @@ class FLOWReweighting(Callback):
             self.statistics = ReferenceStatistics(
                 state_dict["sample_ids"], state_dict["loss"], state_dict["correct"], state_dict.get("token_nll")
             )
+            self._restored = True

@@ -209,6 +209,12 @@ class ReferenceStatistics:
         sample_ids = all_gather_rows(torch.cat(ids_).to(device)).cpu()
         loss = all_gather_rows(torch.cat(losses).to(device)).cpu()
         correct_all = all_gather_rows(torch.cat(corrects).to(device)).cpu()
+        if len({t.shape[1] for t in tokens}) > 1:
+            raise ValueError(
+                "store_token_nll keeps one row of per-token losses per sample, so every batch must have the same"
+                f" sequence length (got {sorted({t.shape[1] + 1 for t in tokens})}): pad to one fixed length in the"
+                " collate function, or use sequence-level weights."
+            )
         token_nll_all = all_gather_rows(torch.cat(tokens).to(device)).cpu() if tokens else None
         keep = _first_occurrences(sample_ids)
         return cls(

@@ -162,6 +162,20 @@ def test_replay_transform_on_mapping_samples_gets_the_whole_sample():
     assert pairs[0][0].tolist() == [-1.0, -1.0] and pairs[0][1] == 3 and isinstance(pairs[0], tuple)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"replay_schedule": [[0.0, 1.5]], "replay_per_step": None}, "ratio"),
+        ({"replay_schedule": [[0.0, 0.2]]}, "not both"),  # with the helper's replay_per_step
+        ({"budget": "flops"}, "budget"),
+        ({"budget": "tokens"}, "replay_per_step"),
+    ],
+)
+def test_bad_budget_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rehearsal_datamodule(**kwargs)
+
+
 def test_replay_transform_must_be_callable():
     with pytest.raises(ValueError, match="callable"):
         rehearsal_datamodule(replay_transform="flip")

@@ -46,6 +46,15 @@ def test_callback_equals_flow_set_up_by_hand(tmp_path):
     assert "flow/tau" in metrics and "flow/mean_weight" in metrics
 
 
+def test_a_second_fit_recomputes_the_statistics():
+    callback = FLOWReweighting()
+    data = flow_datamodule()
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(tiny_mlp_classifier(), data)
+    first = callback.statistics
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(tiny_mlp_classifier(seed=1), data)  # another starting model
+    assert callback.statistics is not first and not torch.equal(callback.statistics.loss, first.loss)
+
+
 def test_token_level_for_a_causal_lm():
     torch.manual_seed(0)
     module = RehearsalLM(**TINY_LM, lr=1e-3, dropout=0.0)

@@ -128,6 +128,15 @@ def test_num_tokens():
         num_tokens({"pixel_values": torch.zeros(3)})
 
 
+def test_token_level_statistics_need_one_sequence_length():
+    module = RehearsalLM(**TINY_LM, lr=1e-3, dropout=0.0)
+    loader = DataLoader(
+        WithSampleIds(variable_length_chunks("pretrain", 8, seed=1)), batch_size=3, collate_fn=pad_collate
+    )
+    with pytest.raises(ValueError, match="same sequence length"):
+        ReferenceStatistics.compute(module, loader, task="causal_lm", store_token_nll=True)  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_datamodule_token_budget_with_an_lm():
     torch.manual_seed(0)
