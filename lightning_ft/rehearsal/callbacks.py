@@ -144,13 +144,7 @@ class RehearsalDataModule(pl.LightningDataModule):
             raise ValueError("the rehearsal pool is empty: pass the pretraining samples to rehearse.")
         # argument errors now, not after the statistics pass and the token count at fit start
         CollateralDamageSampler._check_schedule(replay_schedule, replay_per_step, 1)
-        if budget not in ("samples", "tokens"):
-            raise ValueError(f"`budget` must be 'samples' or 'tokens', got {budget!r}.")
-        if budget == "tokens" and replay_per_step is not None:
-            raise ValueError(
-                "`budget='tokens'` sets the replay by a ratio of tokens: pass `replay_ratio` or `replay_schedule`,"
-                " not `replay_per_step`."
-            )
+        CollateralDamageSampler._check_budget(budget, replay_per_step)
         if replay_transform is not None and not callable(replay_transform):
             raise ValueError(f"`replay_transform` must be callable (sample input -> input), got {replay_transform!r}.")
         self.datamodule, self.pool, self.replay_transform = datamodule, pool, replay_transform

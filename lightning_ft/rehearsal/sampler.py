@@ -170,8 +170,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
             raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
         _unit_interval("replay_ratio", replay_ratio)
         schedule = self._check_schedule(replay_schedule, replay_per_step, schedule_batches)
-        if budget not in ("samples", "tokens"):
-            raise ValueError(f"`budget` must be 'samples' or 'tokens', got {budget!r}.")
+        self._check_budget(budget, replay_per_step)
         _unit_interval("epsilon", epsilon, closed_right=True)
         _unit_interval("alpha_init", alpha_init, closed_right=True)
         if not 0.0 < beta <= 1.0:
@@ -209,11 +208,6 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.budget, self.replay_ratio = budget, float(replay_ratio)
         self._pool_lengths = self._finetune_lengths = None
         if budget == "tokens":
-            if replay_per_step is not None:
-                raise ValueError(
-                    "`budget='tokens'` sets the replay by a ratio of tokens: pass `replay_ratio` or"
-                    " `replay_schedule`, not `replay_per_step`."
-                )
             self._pool_lengths = _lengths("pool_lengths", pool_lengths, loss.numel())
             self._finetune_lengths = _lengths("finetune_lengths", finetune_lengths, num_finetune)
         self._build_bins(num_bins, exclude_prior_incorrect)
@@ -269,6 +263,16 @@ class CollateralDamageSampler(Sampler[list[int]]):
         if any(b[0] < a[0] for a, b in itertools.pairwise(points)):
             raise ValueError(f"`replay_schedule` progress must be non-decreasing, got {[p for p, _ in points]}.")
         return points
+
+    @staticmethod
+    def _check_budget(budget: str, replay_per_step: int | None) -> None:
+        if budget not in ("samples", "tokens"):
+            raise ValueError(f"`budget` must be 'samples' or 'tokens', got {budget!r}.")
+        if budget == "tokens" and replay_per_step is not None:
+            raise ValueError(
+                "`budget='tokens'` sets the replay by a ratio of tokens: pass `replay_ratio` or `replay_schedule`,"
+                " not `replay_per_step`."
+            )
 
     def _count(self, ratio: float) -> int:
         return round(self.batch_size * ratio / (1.0 - ratio))

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.demos.digits import DigitsDataModule, load_digits_tensors
 from lightning_ft.demos.text import PydocTextDataModule, pydoc_chunks
-from lightning_ft.rehearsal import RehearsalDataModule, WithSampleIds
+from lightning_ft.rehearsal import ReferenceStatistics, RehearsalDataModule, WithSampleIds
 
 __all__ = [
     "VariableLengthText",
@@ -22,6 +22,7 @@ __all__ = [
     "pydoc_datamodule",
     "rehearsal_datamodule",
     "small_digits_datamodule",
+    "token_budget_datamodule",
     "variable_length_chunks",
 ]
 
@@ -118,3 +119,22 @@ def flow_datamodule(batch_size: int = 16) -> pl.LightningDataModule:
     xb, yb = 1 - x, (y + 3) % 10
     train = WithSampleIds(TensorDataset(xb[:128], yb[:128]))
     return _Loaders(train, TensorDataset(xb[1500:1564], yb[1500:1564]), batch_size)
+
+
+def token_budget_datamodule(module: Any, n_train: int = 24) -> RehearsalDataModule:
+    """Token-budget mix-cd rehearsal for a causal LM: :class:`VariableLengthText` fine-tuning data (batch 4) and 40
+    variable-length "pretrain" pool chunks, 25% of each batch's tokens rehearsed, 4 bins. A random ``module`` gets no
+    chunk right at the default threshold, so the pool statistics count every chunk as prior-correct."""
+    pool = variable_length_chunks("pretrain", 40, seed=1)
+    loader = DataLoader(WithSampleIds(pool), batch_size=16, collate_fn=pad_collate)  # type: ignore[arg-type]
+    stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=0.0)
+    return RehearsalDataModule(
+        VariableLengthText(n=n_train, batch_size=4),
+        pool,
+        strategy="mixcd",
+        num_bins=4,
+        budget="tokens",
+        replay_ratio=0.25,
+        task="causal_lm",
+        pool_statistics=stats,
+    )

@@ -14,12 +14,11 @@ from lightning_ft.rehearsal import (
     STRATEGIES,
     CollateralDamageSampler,
     ReferenceStatistics,
-    RehearsalDataModule,
     RehearsalFeedback,
     WithSampleIds,
     num_tokens,
 )
-from tests.helpers.data import VariableLengthText, pad_collate, variable_length_chunks
+from tests.helpers.data import pad_collate, token_budget_datamodule, variable_length_chunks
 from tests.helpers.ddp import run_ddp_script
 from tests.helpers.models import TINY_LM
 from tests.rehearsal.test_text import Outputs
@@ -142,20 +141,7 @@ def test_datamodule_token_budget_with_an_lm():
     torch.manual_seed(0)
     module = RehearsalLM(**TINY_LM, lr=1e-3, dropout=0.0)
     module.correct_threshold = 0.0
-    pool = variable_length_chunks("pretrain", 40, seed=1)
-    # a random model gets no chunk right at the default threshold: count every pool chunk as prior-correct
-    loader = DataLoader(WithSampleIds(pool), batch_size=16, collate_fn=pad_collate)  # type: ignore[arg-type]
-    stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=0.0)
-    data = RehearsalDataModule(
-        VariableLengthText(n=24, batch_size=4),
-        pool,
-        strategy="mixcd",
-        num_bins=4,
-        budget="tokens",
-        replay_ratio=0.25,
-        task="causal_lm",
-        pool_statistics=stats,
-    )
+    data = token_budget_datamodule(module)
     outputs = Outputs()
     cpu_trainer(2, [RehearsalFeedback(), outputs], use_distributed_sampler=False).fit(module, data)
     assert data.sampler is not None and data.sampler.budget == "tokens"

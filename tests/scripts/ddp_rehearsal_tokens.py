@@ -13,14 +13,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_ft.demos._common import cpu_trainer
 from lightning_ft.demos.rehearsal_text import RehearsalLM
-from lightning_ft.rehearsal import ReferenceStatistics, RehearsalDataModule, RehearsalFeedback, WithSampleIds
-from tests.helpers.data import VariableLengthText, pad_collate, variable_length_chunks
+from lightning_ft.rehearsal import RehearsalDataModule, RehearsalFeedback
+from tests.helpers.data import token_budget_datamodule
 from tests.helpers.models import TINY_LM
 
 N_TRAIN = 24
@@ -58,20 +57,7 @@ def main() -> None:
     pl.seed_everything(0, verbose=False)
     module = RehearsalLM(**TINY_LM, lr=1e-3, dropout=0.0)
     module.correct_threshold = 0.04  # greedy accuracy of a random model: some chunks right, some not (mixed flags)
-    pool = variable_length_chunks("pretrain", 40, seed=1)
-    # a random model gets no chunk right at the default threshold: count every pool chunk as prior-correct
-    loader = DataLoader(WithSampleIds(pool), batch_size=16, collate_fn=pad_collate)  # type: ignore[arg-type]
-    stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=0.0)
-    data = RehearsalDataModule(
-        VariableLengthText(n=N_TRAIN, batch_size=4),
-        pool,
-        strategy="mixcd",
-        num_bins=4,
-        budget="tokens",
-        replay_ratio=0.25,
-        task="causal_lm",
-        pool_statistics=stats,
-    )
+    data = token_budget_datamodule(module, n_train=N_TRAIN)
     trainer = cpu_trainer(
         2,
         [RehearsalFeedback(log_every_n_steps=1), Dump(args.out, data)],
