@@ -3,6 +3,9 @@
 Sub-commands:
 
 * ``lightning-ft demo`` lists the demos; ``lightning-ft demo <name> [--fast] [--json PATH]`` runs one.
+* ``lightning-ft config`` lists the LightningCLI snippets shipped with the package (one per callback);
+  ``lightning-ft config <name>`` prints one (by file stem, ``learned_mask_pruning``, or class, ``LearnedMaskPruning``),
+  e.g. ``lightning-ft config LearnedMaskPruning > pruning.yaml``.
 * ``lightning-ft fit|validate|test|predict ...`` is Lightning's :class:`~lightning.pytorch.cli.LightningCLI` (subclass
   mode for both the model and the data module). :mod:`lightning_ft.callbacks` and the demo models and data modules
   are imported first, so a YAML config can name them by class name alone::
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lightning.pytorch.cli import LightningCLI
 
-__all__ = ["LIGHTNING_SUBCOMMANDS", "build_cli", "main"]
+__all__ = ["LIGHTNING_SUBCOMMANDS", "build_cli", "main", "snippet_text", "snippets"]
 
 PROG = "lightning-ft"
 LIGHTNING_SUBCOMMANDS: dict[str, str] = {
@@ -50,6 +53,34 @@ _SHORT_NAME_MODULES = (
     "lightning_ft.demos.digits",
     "lightning_ft.demos.vision",
 )
+
+
+def snippets() -> dict[str, str]:
+    """The LightningCLI snippets shipped with the package: file stem -> YAML text (the repository's ``callbacks/``)."""
+    from importlib.resources import files
+
+    folder = files("lightning_ft") / "snippets"
+    return {p.name.removesuffix(".yaml"): p.read_text() for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def snippet_text(name: str) -> str:
+    """The snippet named ``name``: a file stem (``learned_mask_pruning``) or a callback class (``LearnedMaskPruning``).
+
+    Raises:
+        KeyError: with the available names when none matches.
+    """
+    available = snippets()
+    if name in available:
+        return available[name]
+    # the one-callback snippet of that class (tsbd.yaml holds two callbacks)
+    by_class = [
+        text
+        for text in available.values()
+        if f"lightning_ft.callbacks.{name}\n" in text and text.count("class_path: lightning_ft.callbacks.") == 1
+    ]
+    if len(by_class) == 1:
+        return by_class[0]
+    raise KeyError(f"no snippet named {name!r}; available: {', '.join(sorted(available))}")
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
@@ -97,6 +128,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("name", nargs="?", default=None, help="the demo to run (omit to list the demos)")
     demo.add_argument("--fast", action="store_true", help="a short smoke-test run")
     demo.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="also write the results as JSON")
+    config = commands.add_parser(
+        "config",
+        help="list the callbacks' LightningCLI snippets, or print one: `lightning-ft config <name>`",
+        description="Print a callback's LightningCLI YAML snippet (every init argument with its default).",
+    )
+    config.add_argument("name", nargs="?", default=None, help="file stem or callback class (omit to list them)")
     for name, text in LIGHTNING_SUBCOMMANDS.items():
         # only listed here: these arguments are handed to LightningCLI before this parser sees them
         commands.add_parser(name, help=text, add_help=False)
@@ -128,6 +165,20 @@ def _demo(name: str | None, fast: bool, json_path: str | None) -> int:
     return 0
 
 
+def _config(name: str | None) -> int:
+    if name is None:
+        print("callback snippets (print one with `lightning-ft config <name>`):")
+        for stem in sorted(snippets()):
+            print(f"  {stem}")
+        return 0
+    try:
+        text = snippet_text(name)
+    except KeyError as err:
+        return _error(str(err.args[0]))
+    print(text, end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-ft`` and ``python -m lightning_ft``.
 
@@ -145,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace = _build_parser().parse_args(args)
     if namespace.command == "demo":
         return _demo(namespace.name, namespace.fast, namespace.json_path)
+    if namespace.command == "config":
+        return _config(namespace.name)
     return _error(f"unknown command {namespace.command!r}")  # pragma: no cover - argparse rejects it first
 
 

@@ -230,3 +230,35 @@ def test_python_m_lightning_ft_demo() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "memorisation" in result.stdout
+
+
+def _readme_blocks(lang: str) -> list[str]:
+    text = (ROOT / "callbacks" / "README.md").read_text()
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(lang + "\n")]
+
+
+def test_callbacks_readme_composed_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `my.yaml` composed with a snippet, run with its first command (plus settings that make it short)."""
+    (my_yaml,) = [block for block in _readme_blocks("yaml") if block.startswith("# my.yaml")]
+    command = _readme_blocks("bash")[0].splitlines()[0].split()
+    assert command[:2] == ["lightning-ft", "fit"], command
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "callbacks").symlink_to(ROOT / "callbacks")
+    (tmp_path / "my.yaml").write_text(my_yaml)
+    short = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--data.n_train=8",
+        "--data.n_val=8",
+        "--data.batch_size=4",
+        "--model.n_embd=32",
+        "--model.n_layer=1",
+        "--model.n_head=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        *QUIET,
+    ]
+    cli = build_cli([*command[1:], *short])
+    names = [type(cb).__name__ for cb in cli.trainer.callbacks]
+    assert "MemorisationMonitor" in names and "LearningRateMonitor" in names
+    assert cli.trainer.state.finished and "mem/ngram" in cli.trainer.callback_metrics

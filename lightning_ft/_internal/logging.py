@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -23,17 +24,24 @@ def is_wandb_logger(logger: object) -> bool:
     return type(logger).__name__ == "WandbLogger" and hasattr(logger, "log_table")
 
 
-@rank_zero_only
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log plain scalars to every logger of ``trainer`` at ``step`` (default: the trainer's global step).
+    """Log plain scalars to every logger of ``trainer`` at ``step`` (default: the trainer's global step), and put
+    them in ``trainer.callback_metrics`` on every rank so that ``EarlyStopping``/``ModelCheckpoint`` can monitor them.
 
     Use this from hooks where ``LightningModule.log`` is not allowed (``setup``, ``on_fit_start``,
-    ``on_train_start`` for a step-0 value). Values must already be reduced across ranks.
+    ``on_train_start`` for a step-0 value); elsewhere prefer ``pl_module.log``. Call it on every rank with values
+    already reduced across ranks (only rank 0 writes to the loggers).
     """
-    step = trainer.global_step if step is None else step
     values = {k: float(v) for k, v in metrics.items()}
+    for key, value in values.items():
+        trainer.callback_metrics[key] = torch.tensor(value)
+    _log_to_loggers(trainer, values, trainer.global_step if step is None else step)
+
+
+@rank_zero_only
+def _log_to_loggers(trainer: pl.Trainer, values: Mapping[str, float], step: int) -> None:
     for logger in trainer.loggers:
-        logger.log_metrics(values, step=step)
+        logger.log_metrics(dict(values), step=step)
 
 
 def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

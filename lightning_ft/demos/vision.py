@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from lightning_ft._internal.forward import logits_of
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss
 
 __all__ = ["ImageClassifier", "SmallBNCNN"]
@@ -68,6 +69,11 @@ class ImageClassifier(FLOWWeightedLoss, pl.LightningModule):
         lr, momentum, weight_decay: optimizer settings (momentum is SGD's).
         seed: initialisation seed.
         optimizer: ``"sgd"`` or ``"adam"``.
+        timm_kwargs: extra keyword arguments of ``timm.create_model`` (e.g. ``{"img_size": 8, "patch_size": 2}`` for a
+            ViT on 8x8 digits).
+
+    The forward output may be a tensor, a mapping with ``logits`` or an HF ``ModelOutput`` (subclasses that return one
+    train the same way).
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class ImageClassifier(FLOWWeightedLoss, pl.LightningModule):
         weight_decay: float = 0.0,
         seed: int = 0,
         optimizer: str = "sgd",
+        timm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adam"):
@@ -95,7 +102,9 @@ class ImageClassifier(FLOWWeightedLoss, pl.LightningModule):
             else:
                 import timm
 
-                self.model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+                self.model = timm.create_model(
+                    arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **(timm_kwargs or {})
+                )
         self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +112,7 @@ class ImageClassifier(FLOWWeightedLoss, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = logits_of(self(x))
         losses = nn.functional.cross_entropy(logits, y, reduction="none")
         loss = losses.mean() if len(batch) < 3 else self.flow_loss(losses, batch[2])
         self.log("train_loss", loss, prog_bar=True)
@@ -114,7 +123,7 @@ class ImageClassifier(FLOWWeightedLoss, pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = logits_of(self(x))
         self.log("val_loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log("val_acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True, sync_dist=True)
 

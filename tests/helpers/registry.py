@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 import lightning_ft.callbacks as ft_callbacks
+from tests.helpers.kinds import CLASSIFIER_KINDS, LM_KINDS
 from tests.helpers.data import flow_datamodule, pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
 from tests.helpers.models import tiny_classifier, tiny_lm_module, tiny_mlp_classifier
 
@@ -37,17 +38,38 @@ class Entry:
     # the composition test fits a model family's callbacks on the data (and module, monitor) of its entry with the
     # highest value: data that one callback requires (RehearsalFeedback's sampler) and the others accept
     group_data_priority: int = 0
+    # --- conformance (tests/test_conformance.py) ---
+    # a metric the callback logs itself, monitored by ModelCheckpoint in the observability test ("" = logs none)
+    metric: str = ""
+    # model kinds from tests/helpers/kinds.py the callback is run on (besides make_module)
+    kinds: tuple[str, ...] = ()
+    # kind -> regex of the clear error the callback must raise at setup/train start for it (unsupported kinds)
+    kind_errors: dict[str, str] = field(default_factory=dict)
+    # the data module resumes mid-epoch by itself (otherwise the suite wraps it in MidEpochResumable)
+    native_mid_epoch: bool = False
 
     def make(self) -> pl.Callback:
         return self.cls(**self.kwargs)
 
+    def module_of_kind(self, kind: str) -> pl.LightningModule:
+        factories = LM_KINDS if self.make_module is tiny_lm_module else CLASSIFIER_KINDS
+        return factories[kind]()
+
 
 REGISTRY: dict[str, Entry] = {
-    "MemorisationMonitor": Entry(ft_callbacks.MemorisationMonitor, dict(_PROBE), yaml="memorisation_monitor.yaml"),
+    "MemorisationMonitor": Entry(
+        ft_callbacks.MemorisationMonitor,
+        dict(_PROBE),
+        yaml="memorisation_monitor.yaml",
+        metric="mem/ngram",
+        kinds=("peft_lora",),
+    ),
     "MemorisationEarlyStopping": Entry(
         ft_callbacks.MemorisationEarlyStopping,
         {**_PROBE, "max_rise": 0.5, "restore_best": True, "verbose": False},
         yaml="memorisation_early_stopping.yaml",
+        metric="mem/ngram",
+        kinds=("peft_lora",),
     ),
     "NeuronWeightChangeReinit": Entry(
         ft_callbacks.NeuronWeightChangeReinit,
@@ -56,6 +78,8 @@ REGISTRY: dict[str, Entry] = {
         make_data=small_digits_datamodule,
         yaml="neuron_weight_change_reinit.yaml",
         monitor=("val_acc", "max"),
+        metric="backdoor/nwc_selected_neurons",
+        kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
     ),
     "ActivenessAwareFineTuning": Entry(
         ft_callbacks.ActivenessAwareFineTuning,
@@ -64,6 +88,7 @@ REGISTRY: dict[str, Entry] = {
         make_data=small_digits_datamodule,
         yaml="activeness_aware_finetuning.yaml",
         monitor=("val_acc", "max"),
+        kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
     ),
     "RehearsalFeedback": Entry(
         ft_callbacks.RehearsalFeedback,
@@ -74,6 +99,9 @@ REGISTRY: dict[str, Entry] = {
         trainer_kwargs={"use_distributed_sampler": False},
         group_data_priority=1,
         monitor=("val_acc", "max"),
+        metric="rehearsal/cd_hit_rate_total",
+        kinds=("dict", "model_output"),
+        native_mid_epoch=True,
     ),
     "FLOWReweighting": Entry(
         ft_callbacks.FLOWReweighting,
@@ -82,6 +110,8 @@ REGISTRY: dict[str, Entry] = {
         make_data=flow_datamodule,
         yaml="flow_reweighting.yaml",
         monitor=("val_acc", "max"),
+        metric="flow/tau",
+        kinds=("dict", "model_output"),
     ),
     "LearnedMaskPruning": Entry(
         ft_callbacks.LearnedMaskPruning,
@@ -91,6 +121,8 @@ REGISTRY: dict[str, Entry] = {
         make_data=small_digits_datamodule,
         yaml="learned_mask_pruning.yaml",
         monitor=("val_acc", "max"),
+        metric="prune/sparsity",
+        kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
     ),
     "ReconstructiveNeuronPruning": Entry(
         ft_callbacks.ReconstructiveNeuronPruning,
@@ -99,5 +131,8 @@ REGISTRY: dict[str, Entry] = {
         make_data=small_digits_datamodule,
         yaml="reconstructive_neuron_pruning.yaml",
         monitor=("val_acc", "max"),
+        metric="rnp/pruned_channels",
+        kinds=("dict", "model_output", "user_loss", "timm_resnet"),
+        kind_errors={"timm_vit": "BatchNorm"},
     ),
 }

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["fit_and_resume", "quiet_trainer"]
+__all__ = ["MidEpochResumable", "fit_and_resume", "quiet_trainer"]
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
@@ -57,3 +58,58 @@ def fit_and_resume(
     trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True)
     trainer.fit(resumed_module, make_data(), ckpt_path=str(ckpt_dir / "last.ckpt"))
     return (full_module, full_callbacks), (resumed_module, resumed_callbacks)
+
+
+class _SkipFirst(Sampler):
+    """A batch sampler that drops the first ``skip`` batches of ``batch_sampler``'s next epoch only."""
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= skip:
+                yield batch
+
+    def __len__(self) -> int:  # the epoch's full length: Lightning counts the resumed epoch's batches from its progress
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+
+class MidEpochResumable(pl.LightningDataModule):
+    """Wraps a data module so that a fit resumed from a mid-epoch checkpoint continues with the next batch of the
+    interrupted epoch, as a stateful data loader would (Lightning alone restarts that epoch's data from its first
+    batch). Only valid for data in a fixed order (no shuffling): the skipped batches are the ones already trained on."""
+
+    def __init__(self, inner: pl.LightningDataModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def prepare_data(self) -> None:
+        self.inner.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.inner.trainer = self.trainer
+        self.inner.setup(stage)
+
+    def train_dataloader(self) -> Any:
+        loader = self.inner.train_dataloader()
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        done = progress.processed if self.trainer.fit_loop.restarting else 0
+        if not done:
+            return loader
+        return DataLoader(
+            loader.dataset,
+            batch_sampler=_SkipFirst(loader.batch_sampler, done),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+
+    def val_dataloader(self) -> Any:
+        return self.inner.val_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)

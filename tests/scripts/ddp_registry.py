@@ -59,7 +59,11 @@ def main() -> None:
         callbacks=[callback, Dump(args.out, callback)],
         **entry.trainer_kwargs,
     )
-    trainer.fit(entry.make_module(), entry.make_data())
+    try:
+        trainer.fit(entry.make_module(), entry.make_data())
+    finally:  # an undestroyed group can abort the interpreter at exit ("terminate called without an active exception")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
