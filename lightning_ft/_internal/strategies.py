@@ -22,6 +22,5 @@ def check_strategy(trainer: pl.Trainer, owner: str, reason: str = "reads and edi
     strategy = trainer.strategy
     if isinstance(strategy, sharded_strategies()):
         raise ValueError(
-            f"{owner} {reason} and does not support {type(strategy).__name__}; use strategy='ddp' (or a single"
-            " device)."
+            f"{owner} {reason} and does not support {type(strategy).__name__}; use strategy='ddp' (or a single device)."
         )

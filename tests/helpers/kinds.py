@@ -18,7 +18,14 @@ from lightning_ft.demos.models import CausalLMModule
 from lightning_ft.demos.vision import ImageClassifier
 from tests.helpers.models import TINY_LM
 
-__all__ = ["CLASSIFIER_KINDS", "LM_KINDS", "DictClassifier", "LoRACausalLMModule", "OutputClassifier"]
+__all__ = [
+    "CLASSIFIER_KINDS",
+    "LM_KINDS",
+    "DictClassifier",
+    "LoRACausalLMModule",
+    "OutputClassifier",
+    "UserLossClassifier",
+]
 
 
 class DictClassifier(ImageClassifier):

@@ -14,8 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 import lightning_ft.callbacks as ft_callbacks
-from tests.helpers.kinds import CLASSIFIER_KINDS, LM_KINDS
 from tests.helpers.data import flow_datamodule, pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
+from tests.helpers.kinds import CLASSIFIER_KINDS, LM_KINDS
 from tests.helpers.models import tiny_classifier, tiny_lm_module, tiny_mlp_classifier
 
 __all__ = ["REGISTRY", "Entry"]
