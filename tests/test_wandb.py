@@ -15,6 +15,8 @@ from lightning_ft._internal.logging import is_wandb_logger, log_scalars, log_tab
 from lightning_ft.callbacks import MemorisationMonitor
 from lightning_ft.demos.models import CausalLMModule
 from lightning_ft.demos.text import PydocTextDataModule
+from tests.helpers.registry import REGISTRY
+from tests.helpers.resume import quiet_trainer
 
 
 def test_wandb_offline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,3 +128,38 @@ def test_log_bar_chart_wandb_and_tensorboard(tmp_path: Path) -> None:
     assert chart.table.data == [["bin 0", 0.25], ["bin 1", 0.5]]
     with pytest.raises(ValueError):  # labels and values must pair up
         log_bar_chart(trainer, "x", ["a"], [1.0, 2.0])  # type: ignore[arg-type]
+
+
+_WANDB_TYPES = {"histogram": "histogram", "table": "table-file", "chart": None}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if REGISTRY[n].wandb_keys))
+def test_wandb_receives_what_the_card_promises(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real offline W&B run of each registered callback; what the run holds is read back from its summary."""
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    entry = REGISTRY[name]
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-ft-tests")
+    callback = entry.cls(**{**entry.kwargs, **entry.wandb_kwargs})
+    trainer = quiet_trainer(
+        max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[callback], **entry.trainer_kwargs
+    )
+    try:
+        pl.seed_everything(0, verbose=False)
+        trainer.fit(entry.make_module(), entry.make_data())
+        summary = dict(logger.experiment.summary)
+    finally:
+        wandb.finish()
+    for key, kind in entry.wandb_keys.items():
+        if kind == "chart":  # wandb.plot custom charts are stored as their table
+            assert any(k.startswith(key) for k in summary), f"{name}: no {key} chart in {sorted(summary)}"
+            continue
+        assert key in summary, f"{name}: W&B got no {key!r}; it got {sorted(summary)}"
+        if kind == "scalar":
+            assert isinstance(summary[key], (int, float)), (key, summary[key])
+        else:
+            assert summary[key]["_type"] == _WANDB_TYPES[kind], (key, dict(summary[key]))

@@ -47,6 +47,10 @@ class Entry:
     kind_errors: dict[str, str] = field(default_factory=dict)
     # the data module resumes mid-epoch by itself (otherwise the suite wraps it in MidEpochResumable)
     native_mid_epoch: bool = False
+    # what a W&B run receives, as the method card promises: key -> "scalar" | "histogram" | "table" | "chart"
+    wandb_keys: dict[str, str] = field(default_factory=dict)
+    # extra init kwargs for the W&B test (e.g. switch on an optional table)
+    wandb_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def make(self) -> pl.Callback:
         return self.cls(**self.kwargs)
@@ -63,6 +67,8 @@ REGISTRY: dict[str, Entry] = {
         yaml="memorisation_monitor.yaml",
         metric="mem/ngram",
         kinds=("peft_lora",),
+        wandb_keys={"mem/ngram": "scalar", "mem/exact": "scalar", "mem/token_acc": "scalar", "mem/examples": "table"},
+        wandb_kwargs={"log_examples": 2},
     ),
     "MemorisationEarlyStopping": Entry(
         ft_callbacks.MemorisationEarlyStopping,
@@ -79,6 +85,11 @@ REGISTRY: dict[str, Entry] = {
         yaml="neuron_weight_change_reinit.yaml",
         monitor=("val_acc", "max"),
         metric="backdoor/nwc_selected_neurons",
+        wandb_keys={
+            "backdoor/nwc_selected_neurons": "scalar",
+            "backdoor/nwc_seconds": "scalar",
+            "backdoor/nwc": "histogram",
+        },
         kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
     ),
     "ActivenessAwareFineTuning": Entry(
@@ -100,6 +111,11 @@ REGISTRY: dict[str, Entry] = {
         group_data_priority=1,
         monitor=("val_acc", "max"),
         metric="rehearsal/cd_hit_rate_total",
+        wandb_keys={
+            "rehearsal/cd_hit_rate": "scalar",
+            "rehearsal/cd_hit_rate_total": "scalar",
+            "rehearsal/alpha_by_bin": "chart",
+        },
         kinds=("dict", "model_output"),
         native_mid_epoch=True,
     ),
@@ -111,6 +127,7 @@ REGISTRY: dict[str, Entry] = {
         yaml="flow_reweighting.yaml",
         monitor=("val_acc", "max"),
         metric="flow/tau",
+        wandb_keys={"flow/tau": "scalar", "flow/mean_weight": "scalar"},
         kinds=("dict", "model_output"),
     ),
     "LearnedMaskPruning": Entry(
@@ -122,6 +139,7 @@ REGISTRY: dict[str, Entry] = {
         yaml="learned_mask_pruning.yaml",
         monitor=("val_acc", "max"),
         metric="prune/sparsity",
+        wandb_keys={"prune/sparsity": "scalar", "prune/target_sparsity": "scalar", "prune/gate_scores": "histogram"},
         kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
     ),
     "ReconstructiveNeuronPruning": Entry(
@@ -132,6 +150,7 @@ REGISTRY: dict[str, Entry] = {
         yaml="reconstructive_neuron_pruning.yaml",
         monitor=("val_acc", "max"),
         metric="rnp/pruned_channels",
+        wandb_keys={"rnp/pruned_channels": "scalar", "rnp/masks": "histogram"},
         kinds=("dict", "model_output", "user_loss", "timm_resnet"),
         kind_errors={"timm_vit": "BatchNorm"},
     ),
