@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,15 +163,21 @@ def finetune(
     )
     probe_args = {"probe_size": config.n_train, "prefix_len": config.prefix_len, "suffix_len": config.suffix_len}
     monitor: MemorisationMonitor
+    best_dir = tempfile.TemporaryDirectory()  # restore_best's checkpoint lives only as long as the fit
     if kind in ("early_stopping", "best_ngram"):
-        best = {"restore_best": True, "val_monitor": "val_loss"} if kind == "best_ngram" else {}
+        best = (
+            {"restore_best": True, "val_monitor": "val_loss", "dirpath": best_dir.name} if kind == "best_ngram" else {}
+        )
         monitor = MemorisationEarlyStopping(max_rise=config.max_rise, verbose=False, **best, **probe_args)
     else:
         monitor = MemorisationMonitor(**probe_args)
     val_history = ValLossHistory()
     trainer = _trainer(config.epochs, [monitor, val_history, *(extra_callbacks or [])], **trainer_kwargs)
     start = time.perf_counter()
-    trainer.fit(module, data)
+    try:
+        trainer.fit(module, data)
+    finally:
+        best_dir.cleanup()
     seconds = time.perf_counter() - start
     final = monitor.evaluate(trainer, module)[0]  # the weights the run ends with (restored best, if any)
     val_loss = trainer.validate(module, data, verbose=False)[0]["val_loss"]

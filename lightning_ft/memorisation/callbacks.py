@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -82,6 +84,11 @@ class MemorisationMonitor(Callback):
 
     plus a table of the most memorised probe samples when the logger is W&B (TensorBoard: markdown text). Under DDP
     the probe is sharded across ranks and the scores are reduced, so every rank holds the same values.
+
+    The state (probe indices, baseline, history) is stored under the class name, so a resume finds it whatever
+    cadence or logging arguments changed; the arguments that define the measurement (``probe_size``, ``prefix_len``,
+    ``suffix_len``, ``ngram_sizes``, ``match``, ``split``, ``seed``) must stay the same (else ``ValueError``). The
+    step-0 baseline is never measured after a resume. Each ``fit`` starts afresh unless it resumes from a checkpoint.
 
     Args:
         probe_size: number of training samples probed (fewer if the training set is smaller).
@@ -187,32 +194,37 @@ class MemorisationMonitor(Callback):
         self.progress_bar = progress_bar
         self.tf_every_n_steps = tf_every_n_steps
 
+        self._metric: MemorisationScore | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget everything measured: a fresh instance (called again at the start of every fit)."""
         self.probe: Probe | None = None
         self.baseline: dict[str, float] | None = None
         self.history: list[dict[str, float]] = []
         self._probe_indices: list[int] | None = None
         self._last_checked_step = -1
         self.tf_history: list[dict[str, float]] = []
-        self._metric: MemorisationScore | None = None
         self.check_seconds: list[float] = []  # wall time of each check in this process (not checkpointed)
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self._probe_key())
+        # the class name only, so the state is found again whatever arguments changed between a run and its resume
+        # (cadence, logging, ...); what the arguments that define the measurement must keep is checked in
+        # load_state_dict. Lightning refuses two instances of one class in a Trainer (they would log the same keys).
+        return type(self).__qualname__
 
-    def _probe_key(self) -> dict[str, Any]:
+    def _probe_identity(self) -> dict[str, Any]:
+        """The arguments that define what is measured: a resume must keep them (checked in ``load_state_dict``)."""
         return {
             "probe_size": self.probe_size,
             "prefix_len": self.prefix_len,
             "suffix_len": self.suffix_len,
-            "ngram_sizes": self.ngram_sizes,
+            "ngram_sizes": list(self.ngram_sizes),
             "match": self.match,
             "split": self.split,
             "seed": self.seed,
-            "model_attr": self.model_attr,
-            "check_every_n_epochs": self.check_every_n_epochs,
-            "check_every_n_steps": self.check_every_n_steps,
         }
 
     @property
@@ -232,6 +244,26 @@ class MemorisationMonitor(Callback):
             )
         find_causal_lm(pl_module, self.model_attr)  # fail early on a module that cannot generate
         self._metric = MemorisationScore(self.ngram_sizes, self.match)
+        # a reused instance starts like a fresh one; a checkpoint's state (ckpt_path) is loaded after setup
+        self._reset()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # checkpoints written before the state key became the class name store the state under
+        # "<class name>{<arguments>}": load it from there (Lightning only looks up the current key)
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or type(self) in states:
+            return
+        legacy = [k for k in states if isinstance(k, str) and k.startswith(self.state_key + "{")]
+        if len(legacy) == 1:
+            self.load_state_dict(copy.deepcopy(states[legacy[0]]))
+        elif legacy:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint holds {len(legacy)} states of this callback under old keys"
+                f" ({legacy}); none is restored."
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -251,10 +283,21 @@ class MemorisationMonitor(Callback):
             )
             self._probe_indices = self.probe.indices.tolist()
         if self.check_at_start and self.baseline is None:
+            if trainer.global_step > 0:  # resumed from a checkpoint without a baseline: the weights are fine-tuned
+                self._baseline_missing(trainer)
+                return
             values = self._check(trainer, pl_module)
             self.baseline = {k: values[k] for k in _KEYS}
             log_scalars(trainer, {f"mem/{k}": values[k] for k in _KEYS})
             log_scalars(trainer, {f"mem/{k}_baseline": values[k] for k in _KEYS})
+
+    def _baseline_missing(self, trainer: pl.Trainer) -> None:
+        """Resumed at step > 0 without a step-0 baseline in the checkpoint: never measure it on fine-tuned weights."""
+        rank_zero_warn(
+            f"{type(self).__name__}: resuming at step {trainer.global_step} from a checkpoint whose state has no"
+            " step-0 baseline (it was written without this callback, with check_at_start=False, or by an older"
+            " version); the baseline is not measured on the fine-tuned weights: mem/*_baseline is not logged."
+        )
 
     @override
     def on_train_batch_end(
@@ -402,6 +445,7 @@ class MemorisationMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
+            "probe": self._probe_identity(),
             "probe_indices": self._probe_indices,
             "seed": self.seed,
             "baseline": self.baseline,
@@ -412,6 +456,16 @@ class MemorisationMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, current = state_dict.get("probe"), self._probe_identity()
+        if saved is not None and saved != current:  # older checkpoints have no "probe" entry
+            changed = ", ".join(
+                f"{k}={saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]
+            )
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint was measured with other probe arguments ({changed}), so its"
+                " baseline and history are not comparable with new checks. Resume with the checkpoint's values of"
+                " these arguments, or start a new fit without `ckpt_path`."
+            )
         self._probe_indices = state_dict.get("probe_indices")
         self.baseline = state_dict.get("baseline")
         self.history = list(state_dict.get("history", []))
@@ -455,10 +509,12 @@ class MemorisationEarlyStopping(MemorisationMonitor):
     * ``max_slope``: ``M_t - M_{t-1} >= max_slope`` between consecutive checks.
 
     Training stops when any rule fires on ``patience`` consecutive checks; the decision is reduced over ranks ("any
-    rank stops all"). With ``restore_best=True`` the callback also keeps a CPU copy of the weights of the "best
-    n-gram" check and loads it at the end of fit: the check with the best ``val_monitor`` value among those inside
-    the memorisation bound (``threshold``, else ``M_0 + max_rise``); the latest such check when ``val_monitor`` is
-    None; the least-memorising check when none is inside the bound.
+    rank stops all"). With ``restore_best=True`` the callback also writes the weights of each new "best n-gram" check
+    to a weights-only Lightning checkpoint in ``dirpath`` (``best-epoch=E-step=S.ckpt``, replacing the previous one;
+    its path is :attr:`best_model_path`) and loads them back, strictly, at the end of fit: the check with the best
+    ``val_monitor`` value among those inside the memorisation bound (``threshold``, else ``M_0 + max_rise``); the
+    latest such check when ``val_monitor`` is None; the least-memorising check when none is inside the bound. The
+    callback's own state holds only the path, step and scores (no weights).
 
     Args:
         monitor: which score the rules use: ``"ngram"`` (default), ``"exact"`` or ``"token_acc"``.
@@ -466,18 +522,24 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         max_rise: bound on the rise over the step-0 baseline (default 0.10; None disables it).
         max_slope: bound on the rise between consecutive checks (None disables it).
         patience: consecutive firing checks before stopping.
-        restore_best: keep and restore the "best n-gram" weights (costs one CPU copy of the weights, also stored in
-            the callback's checkpoint state).
+        restore_best: save the "best n-gram" weights to a checkpoint file and load them at the end of fit.
         val_monitor: validation metric for "best n-gram" selection (e.g. ``"val_loss"``), None to ignore it.
         val_mode: ``"min"`` or ``"max"`` for ``val_monitor``.
         verbose: print the reason when stopping.
         **kwargs: :class:`MemorisationMonitor` arguments (``probe_size``, ``prefix_len``, ``suffix_len``, ...).
+        dirpath: directory of the best n-gram checkpoint (``restore_best=True``); default
+            ``<trainer.log_dir or default_root_dir>/memorisation_best``.
+
+    Attributes:
+        best: the best n-gram check (``step``, ``epoch``, ``mem``, ``val``, ``inside_bound``), or None.
+        best_model_path: its checkpoint file (``restore_best=True``; ``""`` before the first candidate). The file
+            loads with ``YourModule.load_from_checkpoint(path)``.
 
     Example::
 
         stopper = MemorisationEarlyStopping(max_rise=0.05, restore_best=True, val_monitor="val_loss")
         Trainer(callbacks=[stopper]).fit(model, datamodule)
-        print(stopper.stopping_reason, stopper.best)
+        print(stopper.stopping_reason, stopper.best, stopper.best_model_path)
 
     Defaults are placeholders: the paper's thresholds are not published; calibrate them per data set.
     """
@@ -512,6 +574,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         log_examples: int = 8,
         progress_bar: bool = False,
         tf_every_n_steps: int | None = None,
+        dirpath: str | None = None,
     ) -> None:
         super().__init__(
             probe_size=probe_size,
@@ -551,6 +614,8 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         check_int("patience", patience)
         if val_mode not in ("min", "max"):
             raise ValueError(f'`val_mode` must be "min" or "max", got {val_mode!r}.')
+        if dirpath is not None and (not isinstance(dirpath, (str, os.PathLike)) or not os.fspath(dirpath)):
+            raise ValueError(f"`dirpath` must be a directory path or None (the default directory), got {dirpath!r}.")
         self.monitor = monitor
         self.threshold = threshold
         self.max_rise = max_rise
@@ -560,18 +625,53 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         self.val_monitor = val_monitor
         self.val_mode = val_mode
         self.verbose = verbose
+        self.dirpath = None if dirpath is None else os.path.expanduser(os.fspath(dirpath))
+        self._dirpath: str | None = None  # resolved in setup
 
+    @override
+    def _reset(self) -> None:
+        super()._reset()
         self.wait_count = 0
         self.stopped_step: int | None = None
         self.stopping_reason: str | None = None
         self.best: dict[str, Any] | None = None
-        self._best_weights: dict[str, Tensor] | None = None
+        self.best_model_path = ""
 
-    @property
     @override
-    def state_key(self) -> str:
-        rules = {"monitor": self.monitor, "threshold": self.threshold, "max_rise": self.max_rise}
-        return self._generate_state_key(**rules, max_slope=self.max_slope, **self._probe_key())
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.restore_best:
+            # on every rank: trainer.log_dir and the broadcast are collectives
+            root = self.dirpath
+            if root is None:
+                root = os.path.join(trainer.log_dir or trainer.default_root_dir, "memorisation_best")
+            # the directory exactly as os.path.dirname gives it back for our files (no trailing separator)
+            self._dirpath = os.path.dirname(os.path.join(trainer.strategy.broadcast(root), "_"))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.restore_best
+            and self.best_model_path
+            and not get_filesystem(self.best_model_path).exists(self.best_model_path)
+        ):
+            raise FileNotFoundError(
+                f"MemorisationEarlyStopping(restore_best=True): the checkpoint's best n-gram weights"
+                f" {self.best_model_path!r} are gone, so they could not be restored at the end of fit. Put the file"
+                " back, or resume with restore_best=False."
+            )
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def _baseline_missing(self, trainer: pl.Trainer) -> None:
+        if self.max_rise is not None:
+            raise ValueError(
+                f"MemorisationEarlyStopping(max_rise={self.max_rise}): resuming at step {trainer.global_step} from a"
+                " checkpoint whose state has no step-0 baseline (written without this callback, with"
+                " check_at_start=False, or by an older version), and measuring it now would use fine-tuned weights."
+                " Use `threshold` or `max_slope` with max_rise=None for this run, or restart the fit."
+            )
+        super()._baseline_missing(trainer)
 
     def bound(self) -> float | None:
         """The memorisation bound used for "best n-gram" selection (None before the baseline is known)."""
@@ -632,7 +732,19 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         candidate = trainer.strategy.broadcast(candidate, src=0)
         if self._is_better(candidate, self.best):
             self.best = candidate
-            self._best_weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+            self._save_best(trainer)
+
+    def _save_best(self, trainer: pl.Trainer) -> None:
+        """Write the weights of the new best check to a weights-only Lightning checkpoint (a collective: every rank
+        calls it, rank 0 writes) and remove the previous best file of this directory."""
+        assert self._dirpath is not None and self.best is not None
+        path = os.path.join(self._dirpath, f"best-epoch={self.best['epoch']}-step={self.best['step']}.ckpt")
+        trainer.save_checkpoint(path, weights_only=True)
+        previous = self.best_model_path
+        # like ModelCheckpoint: only files of the current directory (a resume into another directory keeps the old)
+        if previous and previous != path and os.path.dirname(previous) == self._dirpath:
+            trainer.strategy.remove_checkpoint(previous)
+        self.best_model_path = path
 
     def _is_better(self, new: dict[str, Any], old: dict[str, Any] | None) -> bool:
         if old is None:
@@ -651,8 +763,11 @@ class MemorisationEarlyStopping(MemorisationMonitor):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.restore_best and self._best_weights is not None:
-            pl_module.load_state_dict(self._best_weights)
+        if self.restore_best and self.best_model_path:
+            with get_filesystem(self.best_model_path).open(self.best_model_path, "rb") as f:
+                # our own file (weights_only=False: the module's hyper-parameters may hold arbitrary objects)
+                checkpoint = torch.load(f, map_location=pl_module.device, weights_only=False)
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=True)
             if self.verbose:
                 rank_zero_info(f"MemorisationEarlyStopping: restored the best n-gram weights {self.best}.")
 
@@ -664,7 +779,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
             stopped_step=self.stopped_step,
             stopping_reason=self.stopping_reason,
             best=copy.deepcopy(self.best),
-            best_weights=self._best_weights,
+            best_model_path=self.best_model_path,
         )
         return state
 
@@ -675,4 +790,12 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         self.stopped_step = state_dict.get("stopped_step")
         self.stopping_reason = state_dict.get("stopping_reason")
         self.best = state_dict.get("best")
-        self._best_weights = state_dict.get("best_weights")
+        self.best_model_path = state_dict.get("best_model_path", "")
+        if self.best is not None and not self.best_model_path:
+            # an older checkpoint kept the weights in the callback state; they are not used any more
+            if self.restore_best:
+                rank_zero_warn(
+                    "MemorisationEarlyStopping: the checkpoint's best n-gram check has no weights file (an older"
+                    " checkpoint format); it is forgotten, and the next check becomes the best candidate."
+                )
+            self.best = None

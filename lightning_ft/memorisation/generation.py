@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.validation import check_int
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 __all__ = ["check_causal_lm", "eval_mode", "greedy_continuations", "left_pad", "supports_kv_cache"]
 
@@ -25,7 +29,7 @@ def check_causal_lm(model: nn.Module) -> None:
 
 
 def supports_kv_cache(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face model (takes ``attention_mask``/``past_key_values`` keyword arguments)."""
+    """Whether ``model`` is a Hugging Face model (takes ``attention_mask`` and a KV cache as keyword arguments)."""
     return hasattr(model, "config") and hasattr(model, "get_output_embeddings")
 
 
@@ -54,6 +58,41 @@ def _logits(output: object) -> Tensor:
     return logits
 
 
+def _forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The named parameters of the forward of ``model``, looking through a PEFT wrapper (``get_base_model()``), whose
+    own forward passes everything on as ``**kwargs``."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return inspect.signature(base.forward).parameters
+
+
+def _cache_keyword(model: nn.Module, params: Mapping[str, inspect.Parameter]) -> str:
+    """The keyword that takes the KV cache: ``cache`` (current transformers) or ``past_key_values`` (older)."""
+    for key in ("cache", "past_key_values"):
+        if key in params:
+            return key
+    raise ValueError(
+        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`, so it cannot decode with a KV"
+        " cache. Pass use_cache=False, or point `model_attr` at the transformers causal LM inside it."
+    )
+
+
+def _new_cache(model: nn.Module) -> Cache:
+    """An empty ``transformers.DynamicCache`` for ``model`` (built from its config where this transformers allows)."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    if config is not None and "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=config)
+    return DynamicCache()
+
+
+def _returned_cache(output: object, key: str, passed: Cache) -> Cache:
+    """The cache the model returned under ``key`` (for a ``DynamicCache``: ``passed`` itself, updated in place)."""
+    if isinstance(output, Mapping) and output.get(key) is not None:
+        return output[key]
+    return passed
+
+
 @torch.no_grad()  # not inference_mode: buffers a model creates lazily here must stay usable by autograd
 def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len: int, use_cache: bool) -> Tensor:
     if not use_cache:  # plain module returning logits: recompute the full sequence each step
@@ -76,10 +115,15 @@ def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len
         return out[:, ids.shape[1] :]
     # left padding: position ids that skip the pads; no padding: let the model count positions from its cache
     position_ids = None if mask is None else (mask.cumsum(-1) - 1).clamp_min(0)
+    params = _forward_parameters(model)
+    cache_key = _cache_keyword(model, params)
+    cache = _new_cache(model)
     # prefill: only the last position's logits are needed (skips a (B, P, V) LM-head product where supported)
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **extra)
-    past = output.past_key_values
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    output = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, **{cache_key: cache}, **extra
+    )
+    cache = _returned_cache(output, cache_key, cache)
     nxt = _logits(output)[:, -1].argmax(-1, keepdim=True)
     generated = torch.empty((ids.shape[0], suffix_len), dtype=torch.long, device=ids.device)
     generated[:, 0:1] = nxt
@@ -87,8 +131,8 @@ def _decode_batch(model: nn.Module, ids: Tensor, mask: Tensor | None, suffix_len
     for step in range(1, suffix_len):
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
-        output = model(input_ids=nxt, attention_mask=mask, position_ids=next_pos, past_key_values=past, use_cache=True)
-        past = output.past_key_values
+        output = model(input_ids=nxt, attention_mask=mask, position_ids=next_pos, use_cache=True, **{cache_key: cache})
+        cache = _returned_cache(output, cache_key, cache)
         nxt = _logits(output)[:, -1].argmax(-1, keepdim=True)
         generated[:, step : step + 1] = nxt
         if next_pos is not None:
@@ -140,7 +184,7 @@ def greedy_continuations(
         use_cache = hf_model
     elif use_cache and not hf_model:
         raise ValueError(
-            f"use_cache=True needs a Hugging Face causal LM that returns `past_key_values`; {type(model).__name__}"
+            f"use_cache=True needs a Hugging Face causal LM that returns a KV cache; {type(model).__name__}"
             " is a plain module. Pass use_cache=False (recomputes the sequence each step) or wrap a transformers model."
         )
     if pad_token_id is None:

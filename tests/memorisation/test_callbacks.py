@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -172,7 +173,8 @@ def test_monitor_checks_every_n_steps():
 
 def test_resume_reproduces_the_monitor_history(tmp_path):
     def callbacks():
-        return [MemorisationEarlyStopping(**PROBE, max_rise=0.9, restore_best=True, verbose=False)]
+        best_dir = str(tmp_path / "best")  # the uninterrupted and the resumed run share it, as their state compares
+        return [MemorisationEarlyStopping(**PROBE, max_rise=0.9, restore_best=True, verbose=False, dirpath=best_dir)]
 
     (_, full), (_, resumed) = fit_and_resume(
         tiny_lm_module, pydoc_datamodule, callbacks, max_epochs=3, stop_epoch=1, tmp_path=tmp_path
@@ -181,6 +183,7 @@ def test_resume_reproduces_the_monitor_history(tmp_path):
     assert resumed[0].history == full[0].history  # step 0 is not re-measured: it comes from the checkpoint
     assert [h["step"] for h in full[0].history] == [0, 4, 8, 12]
     assert resumed[0].best == full[0].best
+    assert resumed[0].best_model_path == full[0].best_model_path and Path(full[0].best_model_path).exists()
 
 
 @pytest.mark.ddp
@@ -193,9 +196,15 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path):
     assert r0["stopped_step"] is not None and r0["stopped_step"] == r1["stopped_step"] == r0["global_step"]
     assert r0["stopped_step"] < 8 * 3, "the early stop should fire before the last epoch"
     assert r0["param_max_diff"] == 0.0 and r1["param_max_diff"] == 0.0
-    # the sharded, reduced scores equal an unsharded single-rank scoring of the whole probe with the same weights
+    # restore_best: one file, written by rank 0 at the best check, loaded on both ranks at the end of fit
+    assert r0["best"] == r1["best"] and r0["best"] is not None and r0["best"]["step"] < r0["stopped_step"]
+    assert r0["best_model_path"] == r1["best_model_path"]
+    assert [p.name for p in (tmp_path / "ddp" / "best").iterdir()] == [Path(r0["best_model_path"]).name]
+    # the sharded, reduced scores of the best check equal an unsharded single-rank scoring of the whole probe with
+    # the restored weights
+    best = next(h for h in r0["history"] if h["step"] == r0["best"]["step"])
     for key in ("ngram", "exact", "token_acc"):
-        assert r0["full_probe_scores"][key] == pytest.approx(r0["history"][-1][key], abs=1e-6)
+        assert r0["full_probe_scores"][key] == pytest.approx(best[key], abs=1e-6)
     # same probe and same starting weights: the step-0 values of the 2-process run equal the 1-process run's
     assert single["probe_indices"] == r0["probe_indices"]
     for key in ("ngram", "exact", "token_acc"):

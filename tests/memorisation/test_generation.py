@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -268,3 +270,22 @@ def test_left_pad_layout() -> None:
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="empty"):
         left_pad([torch.tensor([1]), torch.tensor([], dtype=torch.long)], pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_cached_decoding_uses_the_current_cache_api_without_deprecation_warnings(name: str) -> None:
+    """transformers deprecates `past_key_values` for `cache`: decoding must not warn (FutureWarning/DeprecationWarning
+    as errors) and must still equal uncached decoding (each prefix alone, the whole sequence recomputed per step)."""
+    torch.manual_seed(0)
+    model = BUILDERS[name]().double().eval()
+    g = torch.Generator().manual_seed(2)
+    ragged = [torch.randint(1, VOCAB, (n,), generator=g) for n in PREFIX_LENGTHS]
+    reference = torch.cat([greedy_continuations(model, p[None], SUFFIX_LEN, use_cache=False) for p in ragged])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        cached = greedy_continuations(model, ragged, SUFFIX_LEN, batch_size=3, use_cache=True)
+        unpadded = greedy_continuations(model, torch.stack([p[:1] for p in ragged]), SUFFIX_LEN, use_cache=True)
+    torch.testing.assert_close(cached, reference, rtol=0, atol=0)
+    short = torch.cat([greedy_continuations(model, p[None, :1], SUFFIX_LEN, use_cache=False) for p in ragged])
+    torch.testing.assert_close(unpadded, short, rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""2-process CPU DDP run of MemorisationEarlyStopping; every rank dumps its monitor state and parameters.
+"""2-process CPU DDP run of MemorisationEarlyStopping (restore_best=True: the best-weights checkpoint is written by
+rank 0 and loaded on every rank); every rank dumps its monitor state and parameters.
 
 Usage: python tests/scripts/ddp_memorisation.py --devices 2 --out DIR
 """
@@ -50,6 +51,8 @@ class Dump(pl.Callback):
             "world_size": trainer.world_size,
             "history": self.stopper.history,
             "stopped_step": self.stopper.stopped_step,
+            "best": self.stopper.best,
+            "best_model_path": self.stopper.best_model_path,
             "global_step": trainer.global_step,
             "probe_indices": self.stopper.state_dict()["probe_indices"],
             "param_max_diff": (gathered - gathered[0]).abs().max().item(),
@@ -76,6 +79,8 @@ def main() -> None:
         batch_size=4,
         log_examples=0,
         verbose=False,
+        restore_best=True,
+        dirpath=str(args.out / "best"),
     )
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -90,7 +95,11 @@ def main() -> None:
         limit_val_batches=0,
         callbacks=[stopper, Dump(args.out, stopper)],
     )
-    trainer.fit(tiny_lm_module(lr=1e-2), pydoc_datamodule(seq_len=32, n_train=24, batch_size=4))
+    try:
+        trainer.fit(tiny_lm_module(lr=1e-2), pydoc_datamodule(seq_len=32, n_train=24, batch_size=4))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a live group at interpreter exit can abort the process
 
 
 if __name__ == "__main__":
