@@ -25,8 +25,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_ft._internal.batches import inputs_and_labels
-from lightning_ft._internal.neurons import LAYER_TYPES, NeuronLayer, find_neuron_layers
+from lightning_ft._internal.forward import model_loss
+from lightning_ft._internal.neurons import NeuronLayer
+from lightning_ft.backdoor.layers import check_layer_types, check_strategy, tsbd_layers
 
 __all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_", "clip_neuron_gradients_"]
 
@@ -153,12 +154,17 @@ class ActivenessAwareFineTuning(Callback):
     ``theta + r * g1 / ||g1||`` computed on the same batch (:func:`activeness_aware_gradients_`): one extra forward and
     backward per step, so the step costs about twice a plain one. ``g2`` is averaged over ranks. Parameters and
     BatchNorm buffers are restored exactly after the perturbed pass, which runs without autocast. The loss of the
-    perturbed pass is cross-entropy of ``pl_module(x)`` on the stashed ``(x, y)`` batch; override
-    :meth:`compute_loss` for other models.
+    perturbed pass (:meth:`compute_loss`) is the module's ``lightning_ft_loss(batch)`` when it defines one (define it
+    to return the loss your ``training_step`` computes), else cross-entropy of the forward's logits (a tensor, a
+    ``{"logits": ...}`` dict or an HF ``ModelOutput``) on the stashed batch. Logs ``backdoor/perturbed_loss``.
 
     ``mode="clip"`` (our one-pass reconstruction): each neuron's gradient norm is capped at ``clip_factor`` times its
     layer's median (:func:`clip_neuron_gradients_`) over the ``layer_types`` layers; no extra pass, no batch needed.
-    Gradients are already identical on all ranks, so the clipped update is too.
+    Gradients are already identical on all ranks, so the clipped update is too. Logs ``backdoor/clipped_neurons``
+    (per-step count, epoch mean).
+
+    A new fit starts with ``steps`` at 0 (a reused instance behaves like a fresh one); a fit resumed from its
+    checkpoint continues the count. FSDP, DeepSpeed and model-parallel strategies are refused at ``setup``.
 
     Args:
         alpha: penalty mode's mixing weight (official: 0.7, i.e. lambda = alpha * r = 0.035).
@@ -167,9 +173,11 @@ class ActivenessAwareFineTuning(Callback):
         eps: numerical floor of the norms.
         mode: ``"penalty"`` or ``"clip"``.
         clip_factor: clip mode's cap, as a multiple of each layer's median neuron gradient norm.
-        layer_types: clip mode's neuron layers, subset of ``("conv", "linear", "hf_conv1d")`` (default: stage 1's).
+        layer_types: clip mode's neuron layers, subset of ``("conv", "linear", "hf_conv1d")``; None (auto, as stage
+            1): the convolutions of a CNN, the linear layers of a model with fewer than two convolutions.
         include: clip mode: regexes a layer name must match (empty: all).
         exclude: clip mode: regexes of layer names to skip.
+        exclude_head: clip mode: never clip the classifier head's gradients.
 
     Raises:
         ValueError: at train start with ``accumulate_grad_batches > 1`` in penalty mode (only the last micro-batch
@@ -192,33 +200,45 @@ class ActivenessAwareFineTuning(Callback):
         eps: float = 1e-12,
         mode: Mode = "penalty",
         clip_factor: float = 1.0,
-        layer_types: Sequence[str] = ("conv",),
+        layer_types: Sequence[str] | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = ("shortcut", "downsample"),
+        exclude_head: bool = True,
     ) -> None:
         super().__init__()
         _validate(alpha, r, norm)
         if mode not in ("penalty", "clip"):
             raise ValueError(f'`mode` must be "penalty" or "clip", got {mode!r}.')
         _check_clip_factor(clip_factor)
-        if not layer_types or set(layer_types) - set(LAYER_TYPES):
-            raise ValueError(f"`layer_types` must be a non-empty subset of {LAYER_TYPES}, got {tuple(layer_types)!r}.")
+        check_layer_types(layer_types)
         self.alpha, self.r, self.norm, self.eps = alpha, r, norm, eps
         self.mode, self.clip_factor = mode, float(clip_factor)
-        self.layer_types, self.include, self.exclude = tuple(layer_types), tuple(include), tuple(exclude)
+        self.layer_types = None if layer_types is None else tuple(layer_types)
+        self.include, self.exclude, self.exclude_head = tuple(include), tuple(exclude), exclude_head
         self._layers: list[NeuronLayer] = []
         self._batch: Any = None
         self.steps = 0
+        self._loaded = False  # state given by load_state_dict that the next fit must keep
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, alpha=self.alpha, r=self.r, norm=self.norm)
 
+    def layers(self, model: nn.Module) -> list[NeuronLayer]:
+        """Clip mode's neuron layers on ``model``."""
+        return tsbd_layers(model, self.layer_types, self.include, self.exclude, self.exclude_head)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.mode == "clip":  # fail before training on a model without eligible layers
-            self._layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
+        if stage != "fit":
+            return
+        check_strategy(trainer.strategy, type(self).__name__)
+        if not self._loaded:  # a new fit starts afresh; a resumed fit's state is restored after setup
+            self.steps = 0
+        self._batch = None
+        if self.mode == "clip":  # fail before training on a model without eligible layers
+            self._layers = self.layers(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -232,8 +252,9 @@ class ActivenessAwareFineTuning(Callback):
             raise ValueError("ActivenessAwareFineTuning needs automatic optimization (it hooks the optimizer step).")
         if len(trainer.optimizers) != 1:
             raise ValueError(f"ActivenessAwareFineTuning supports one optimizer, got {len(trainer.optimizers)}.")
+        self._loaded = False
         if self.mode == "clip":  # the strategy may have wrapped or moved modules since setup
-            self._layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
+            self._layers = self.layers(pl_module)
 
     @override
     def on_train_batch_start(
@@ -243,35 +264,53 @@ class ActivenessAwareFineTuning(Callback):
             self._batch = batch
 
     def compute_loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        """The loss of the perturbed pass (default: cross-entropy on an ``(x, y)`` batch)."""
-        x, y = inputs_and_labels(batch)
-        return nn.functional.cross_entropy(pl_module(x), y)
+        """The loss of the perturbed pass: ``pl_module.lightning_ft_loss(batch)`` when defined, else cross-entropy of
+        the forward's logits on an ``(x, y)`` batch (:func:`~lightning_ft._internal.forward.model_loss`). Override it
+        in a subclass for a loss that depends on more than the module and the batch."""
+        return model_loss(pl_module, batch)[0]
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.mode == "clip":
-            clip_neuron_gradients_(self._layers, self.clip_factor, self.eps)
+            clipped = clip_neuron_gradients_(self._layers, self.clip_factor, self.eps)
             self.steps += 1
+            _log(pl_module, "backdoor/clipped_neurons", clipped.float())
             return
         if self._batch is None:
             return
         batch = self._batch
+        perturbed: list[Tensor] = []
+
+        def loss_fn() -> Tensor:
+            loss = self.compute_loss(pl_module, batch)
+            perturbed.append(loss.detach())
+            return loss
 
         def reduce(flat: Tensor) -> Tensor:
             return trainer.strategy.reduce(flat, reduce_op="mean") if trainer.world_size > 1 else flat
 
-        activeness_aware_gradients_(
-            pl_module, lambda: self.compute_loss(pl_module, batch), self.alpha, self.r, self.norm, self.eps, reduce
-        )
+        activeness_aware_gradients_(pl_module, loss_fn, self.alpha, self.r, self.norm, self.eps, reduce)
         self.steps += 1
         self._batch = None
+        if perturbed:
+            _log(pl_module, "backdoor/perturbed_loss", perturbed[0].float())
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._loaded = False
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = state_dict.get("steps", 0)
+        self._loaded = True
+
+
+def _log(pl_module: pl.LightningModule, name: str, value: Tensor) -> None:
+    # epoch mean, reduced over ranks once per epoch (EarlyStopping/ModelCheckpoint can monitor it)
+    pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,26 +17,38 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
+from lightning_ft._internal.forward import model_dtype, model_logits, model_loss
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.modules import eval_mode
-from lightning_ft._internal.neurons import LAYER_TYPES, find_neuron_layers
+from lightning_ft._internal.neurons import NeuronLayer
+from lightning_ft._internal.offline import OfflinePhase
 from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.functional import neuron_weight_changes, select_reinit_weights, zero_reinit_
+from lightning_ft.backdoor.layers import check_layer_types, check_strategy, tsbd_layers
 
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+ContextFactory = Callable[[], contextlib.AbstractContextManager]
+
 
 @torch.no_grad()
-def _accuracy_and_classes(model: nn.Module, loader: Iterable[Any], device: torch.device) -> tuple[float, int]:
-    """Eval-mode accuracy over ``loader`` and the number of distinct predicted classes."""
+def _accuracy_and_classes(
+    model: nn.Module, loader: Iterable[Any], context: ContextFactory = contextlib.nullcontext
+) -> tuple[float, int]:
+    """Eval-mode accuracy over ``loader`` and the number of distinct predicted classes (forward passes under
+    ``context()``, e.g. the Trainer's autocast)."""
     correct, total, seen = 0, 0, torch.zeros(0, dtype=torch.long)
     with eval_mode(model):
         for batch in loader:
             x, y = inputs_and_labels(batch)
-            pred = model(x.to(device)).argmax(-1).cpu()
-            correct += int((pred == y.cpu()).sum())
+            with context():
+                logits = model_logits(model, x)
+            pred = logits.argmax(-1).cpu()
+            y = y.cpu()
+            correct += int((pred == y).sum())
             total += int(y.numel())
-            seen = torch.unique(torch.cat([seen, pred]))
+            seen = torch.unique(torch.cat([seen, pred.flatten()]))
     if total == 0:
         raise ValueError("the clean data loader is empty: TSBD's clean unlearning needs clean samples.")
     return correct / total, int(seen.numel())
@@ -49,48 +62,68 @@ def clean_unlearning(
     max_epochs: int = 200,
     stop_acc: float = 0.10,
     stop_on_single_class: bool = True,
-    progress: bool = False,
+    progress: bool | None = False,
+    trainer: pl.Trainer | None = None,
+    trainer_precision: bool = True,
+    verbose: bool = False,
 ) -> tuple[int, str]:
-    """TSBD's clean unlearning, in place on ``model`` (pass a copy): gradient *ascent* on cross-entropy over clean
+    """TSBD's clean unlearning, in place on ``model`` (pass a copy): gradient *ascent* on the training loss over clean
     data with SGD until eval-mode clean accuracy <= ``stop_acc``, all predictions collapse to one class, or
     ``max_epochs``. Returns ``(epochs run, rule that stopped: "accuracy" | "single_class" | "max_epochs")``.
-    """
-    device = next(model.parameters()).device
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    epochs: Iterable[int] = range(1, max_epochs + 1)
-    if progress:
-        from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, desc="TSBD clean unlearning", unit="epoch", leave=False)
-    for epoch in epochs:
-        model.train()
-        for batch in loader:
-            x, y = inputs_and_labels(batch)
-            loss = -nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        acc, n_classes = _accuracy_and_classes(model, loader, device)
-        if acc <= stop_acc:
-            return epoch, "accuracy"
-        if stop_on_single_class and n_classes == 1:
-            return epoch, "single_class"
+    The loss is the module's ``lightning_ft_loss(batch)`` when it defines one, else cross-entropy of the logits
+    (:func:`~lightning_ft._internal.forward.model_loss`); forward outputs may be tensors, dicts with ``"logits"`` or HF
+    ``ModelOutput`` objects, and floating inputs are cast to the model's dtype.
+
+    Args:
+        progress: a progress bar over epochs (rank 0); None follows ``trainer``'s ``enable_progress_bar``.
+        trainer: the fit's Trainer, if any: the progress bar and the forward context follow it.
+        trainer_precision: run forward passes under the Trainer's precision context (autocast under
+            ``bf16-mixed``); off for a float32 copy of a ``bf16-true`` model.
+        verbose: a log line per epoch (clean accuracy, predicted classes).
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    phase = OfflinePhase("TSBD clean unlearning", max_epochs, trainer, progress=progress, verbose=verbose)
+    context: ContextFactory = phase.precision if trainer_precision else contextlib.nullcontext
+    try:
+        for epoch in phase:
+            model.train()
+            for batch in loader:
+                with context():
+                    loss, _, _ = model_loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                (-loss).backward()
+                optimizer.step()
+            acc, n_classes = _accuracy_and_classes(model, loader, context)
+            phase.log(epoch, clean_acc=acc, predicted_classes=n_classes)
+            if acc <= stop_acc:
+                return epoch, "accuracy"
+            if stop_on_single_class and n_classes == 1:
+                return epoch, "single_class"
+    finally:
+        phase.close()
     return max_epochs, "max_epochs"
 
 
 class NeuronWeightChangeReinit(Callback):
     """TSBD stage 1: find the neurons that clean unlearning moves most and zero their largest-change weights.
 
-    At the start of training, a copy of the model is *unlearned* on clean data (gradient ascent on cross-entropy
+    At the start of training, a copy of the model is *unlearned* on clean data (gradient ascent on the training loss
     until clean accuracy falls to ``unlearn_stop_acc``). Backdoor neurons change most under clean unlearning (their
     weight changes correlate with those of poison unlearning, Lin et al. 2024), so the ``neuron_ratio`` neurons with
     the largest weight change (raw L1 over each output channel's weights, ranked over all layers) are selected, and
     among their weights those whose change is in the top ``subweight_ratio`` (pooled threshold) are set to zero in
     the original model. Zeroed weights stay trainable: stage 2 (activeness-aware fine-tuning) repairs clean accuracy.
 
+    The loss is the module's ``lightning_ft_loss(batch)`` when defined, else cross-entropy of the forward's logits (a
+    tensor, a ``{"logits": ...}`` dict or an HF ``ModelOutput``). Under ``precision="bf16-true"`` (or fp16 weights)
+    the unlearning runs on a float32 copy and the weight changes are taken in float32; under ``bf16-mixed`` the
+    forward passes run under the Trainer's autocast.
+
     The user's weights are only touched after unlearning and selection succeeded. Under DDP, rank 0 unlearns on the
     whole clean set and broadcasts the selection, so all ranks zero the same weights. The callback state records that
-    stage 1 ran, so a resumed fit does not run it again.
+    stage 1 ran, so a fit resumed from its checkpoint does not run it again; an instance reused for a new fit starts
+    afresh. FSDP, DeepSpeed and model-parallel strategies are refused at ``setup``.
 
     Args:
         neuron_ratio: share of neurons selected, in (0, 1] (the official code sweeps it; 0.2 worked on digits).
@@ -101,12 +134,17 @@ class NeuronWeightChangeReinit(Callback):
         unlearn_stop_acc: stop when eval-mode clean accuracy is at or below this, in [0, 1] (official: 0.10).
         stop_on_single_class: also stop when every clean prediction is one class (the collapse that makes the
             accuracy rule never fire on small clean sets).
-        layer_types: neuron layers, subset of ``("conv", "linear", "hf_conv1d")`` (official: convs only).
+        layer_types: neuron layers, subset of ``("conv", "linear", "hf_conv1d")``; None (auto): the convolutions of
+            a CNN (official), the linear layers of a model with fewer than two convolutions (ViT, MLP, language
+            model); see :func:`~lightning_ft.backdoor.layers.tsbd_layers`.
         include: regexes a layer name must match (empty: all).
         exclude: regexes of layer names to skip (official: shortcut convs).
         dataloader: the clean data (``(x, y)`` batches); default: the fit's training data, read without a
             distributed sampler.
-        progress_bar: a progress bar over unlearning epochs on rank 0.
+        progress_bar: a progress bar over unlearning epochs on rank 0; None follows the Trainer's
+            ``enable_progress_bar``.
+        exclude_head: never select the classifier head (timm ``get_classifier()``, HF ``get_output_embeddings()``,
+            else the last registered Linear).
 
     Example::
 
@@ -126,11 +164,12 @@ class NeuronWeightChangeReinit(Callback):
         max_unlearn_epochs: int = 200,
         unlearn_stop_acc: float = 0.10,
         stop_on_single_class: bool = True,
-        layer_types: Sequence[str] = ("conv",),
+        layer_types: Sequence[str] | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = ("shortcut", "downsample"),
         dataloader: DataLoader | None = None,
-        progress_bar: bool = True,
+        progress_bar: bool | None = None,
+        exclude_head: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("neuron_ratio", neuron_ratio), ("subweight_ratio", subweight_ratio)):
@@ -141,40 +180,53 @@ class NeuronWeightChangeReinit(Callback):
         if not lr_unlearn > 0:
             raise ValueError(f"`lr_unlearn` must be > 0, got {lr_unlearn}.")
         check_int("max_unlearn_epochs", max_unlearn_epochs)
-        if not layer_types or set(layer_types) - set(LAYER_TYPES):
-            raise ValueError(f"`layer_types` must be a non-empty subset of {LAYER_TYPES}, got {tuple(layer_types)!r}.")
+        check_layer_types(layer_types)
         self.neuron_ratio, self.subweight_ratio = float(neuron_ratio), float(subweight_ratio)
         self.lr_unlearn, self.momentum = lr_unlearn, momentum
         self.max_unlearn_epochs, self.unlearn_stop_acc = max_unlearn_epochs, unlearn_stop_acc
         self.stop_on_single_class = stop_on_single_class
-        self.layer_types, self.include, self.exclude = tuple(layer_types), tuple(include), tuple(exclude)
+        self.layer_types = None if layer_types is None else tuple(layer_types)
+        self.include, self.exclude, self.exclude_head = tuple(include), tuple(exclude), exclude_head
         self.dataloader = dataloader
         self.progress_bar = progress_bar
         self.done = False
         self.report: dict[str, Any] = {}
         self.seconds: float | None = None  # wall time of stage 1 in this process (not checkpointed)
         self.nwc: Tensor | None = None  # every neuron's weight change, in layer order (not checkpointed)
+        self._loaded = False  # state given by load_state_dict that the next fit must keep
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(neuron_ratio=self.neuron_ratio, subweight_ratio=self.subweight_ratio)
 
+    def layers(self, model: nn.Module) -> list[NeuronLayer]:
+        """The neuron layers this callback selects from on ``model``."""
+        return tsbd_layers(model, self.layer_types, self.include, self.exclude, self.exclude_head)
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":  # fail before training on a model without eligible layers
-            find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
+        if stage != "fit":
+            return
+        check_strategy(trainer.strategy, type(self).__name__)
+        # a new fit starts afresh (a reused instance runs stage 1 again); Lightning restores the state of a resumed
+        # fit (ckpt_path) after setup, and a state loaded by hand before the fit is kept
+        if not self._loaded:
+            self.done, self.report, self.seconds, self.nwc = False, {}, None, None
+        self.layers(pl_module)  # fail before training on a model without eligible layers
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start rather than on_fit_start: the fit's training dataloader exists from here on
+        self._loaded = False
         if self.done:
             return  # resumed after stage 1: never run it twice
         start = time.perf_counter()
-        layers = find_neuron_layers(pl_module, self.layer_types, self.include, self.exclude)
+        layers = self.layers(pl_module)
         payload: dict[str, Any] | None = None
         if trainer.is_global_zero:
-            payload = self._select(clean_loader(trainer, self.dataloader, type(self).__name__), pl_module, layers)
+            loader = clean_loader(trainer, self.dataloader, type(self).__name__)
+            payload = self._select(loader, pl_module, layers, trainer)
         payload = trainer.strategy.broadcast(payload, src=0)
         assert payload is not None
         masks = {k: v.to(pl_module.device) for k, v in payload["masks"].items()}
@@ -195,14 +247,21 @@ class NeuronWeightChangeReinit(Callback):
 
         The same unlearning, selection and in-place zeroing as in a fit, e.g. to inspect stage 1 alone.
         """
-        layers = find_neuron_layers(model, self.layer_types, self.include, self.exclude)
-        payload = self._select(dataloader, model, layers)
+        layers = self.layers(model)
+        payload = self._select(dataloader, model, layers, None)
         self.report = {**payload["report"], "zeroed_weights": zero_reinit_(layers, payload["masks"])}
         self.nwc = payload["nwc"]
         return dict(self.report)
 
-    def _select(self, loader: Iterable[Any], pl_module: nn.Module, layers: list) -> dict[str, Any]:
+    def _select(
+        self, loader: Iterable[Any], pl_module: nn.Module, layers: list[NeuronLayer], trainer: pl.Trainer | None
+    ) -> dict[str, Any]:
         unlearned = copy.deepcopy(pl_module)  # the user's model is untouched until the selection succeeded
+        # low-precision weights (bf16-true): unlearn a float32 copy; the original's weights converted to float32 are
+        # exactly the copy's starting point, so the changes below compare float32 with float32
+        upcast = model_dtype(pl_module) in _LOW_PRECISION
+        if upcast:
+            unlearned.float()
         with torch.enable_grad(), torch.inference_mode(False):
             epochs, rule = clean_unlearning(
                 unlearned,
@@ -212,7 +271,10 @@ class NeuronWeightChangeReinit(Callback):
                 max_epochs=self.max_unlearn_epochs,
                 stop_acc=self.unlearn_stop_acc,
                 stop_on_single_class=self.stop_on_single_class,
-                progress=self.progress_bar,
+                progress=self.progress_bar if trainer is not None else bool(self.progress_bar),
+                trainer=trainer,
+                trainer_precision=not upcast,
+                verbose=trainer is not None,
             )
         changes = neuron_weight_changes(pl_module, unlearned, layers)
         masks, selected = select_reinit_weights(changes, self.neuron_ratio, self.subweight_ratio)
@@ -227,6 +289,10 @@ class NeuronWeightChangeReinit(Callback):
         return {"masks": {k: v.cpu() for k, v in masks.items()}, "report": report, "nwc": nwc}
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._loaded = False
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "report": dict(self.report)}
 
@@ -234,3 +300,4 @@ class NeuronWeightChangeReinit(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = state_dict.get("done", False)
         self.report = dict(state_dict.get("report", {}))
+        self._loaded = True

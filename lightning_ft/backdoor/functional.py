@@ -30,7 +30,8 @@ def neuron_weight_changes(
     """Per-sub-weight absolute changes ``|W_ul[j] - W_bd[j]|`` as ``(num_neurons, fan_in)`` tensors per layer.
 
     ``layers`` are found on ``original`` (:func:`~lightning_ft._internal.neurons.find_neuron_layers`); the same
-    module names are looked up in ``unlearned`` (a deep copy). The neuron-weight change of neuron ``j`` is the row sum
+    module names are looked up in ``unlearned`` (a deep copy, possibly in float32 when ``original`` is bf16: the
+    changes are computed in at least float32). The neuron-weight change of neuron ``j`` is the row sum
     (raw L1, no normalisation, as in the official code): ``changes[name].sum(1)``.
     """
     modules = dict(unlearned.named_modules())
@@ -43,7 +44,11 @@ def neuron_weight_changes(
             raise ValueError(
                 f"layer {layer.name!r}: weight shapes differ {tuple(other.shape)} vs {tuple(layer.weight.shape)}."
             )
-        out[layer.name] = layer.per_neuron((other.detach() - layer.weight.detach()).abs().float())
+        # in at least float32: a float32 unlearned copy of a bf16 model is compared with the bf16 weights converted
+        # to float32 (exact), i.e. with the copy's own starting point
+        dtype = torch.promote_types(torch.promote_types(other.dtype, layer.weight.dtype), torch.float32)
+        delta = other.detach().to(dtype) - layer.weight.detach().to(device=other.device, dtype=dtype)
+        out[layer.name] = layer.per_neuron(delta.abs())
     return out
 
 

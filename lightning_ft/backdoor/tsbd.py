@@ -20,7 +20,7 @@ def tsbd(
     max_unlearn_epochs: int = 200,
     unlearn_stop_acc: float = 0.10,
     stop_on_single_class: bool = True,
-    layer_types: Sequence[str] = ("conv",),
+    layer_types: Sequence[str] | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = ("shortcut", "downsample"),
     mode: Mode = "penalty",
@@ -29,13 +29,15 @@ def tsbd(
     norm: Norm = "per_tensor",
     eps: float = 1e-12,
     clip_factor: float = 1.0,
-    progress_bar: bool = True,
+    progress_bar: bool | None = None,
+    exclude_head: bool = True,
 ) -> list[NeuronWeightChangeReinit | ActivenessAwareFineTuning]:
     """TSBD's two stages as ``[NeuronWeightChangeReinit(...), ActivenessAwareFineTuning(...)]``.
 
     Stage 1 zeroes the largest-change weights of the neurons that clean unlearning moves most, at train start; stage
     2 fine-tunes with the gradient-norm penalty (``mode="penalty"``) or per-neuron gradient clipping (``"clip"``).
-    The neuron layers of both stages are the same (``layer_types``, ``include``, ``exclude``). Defaults are the
+    The neuron layers of both stages are the same (``layer_types``, ``include``, ``exclude``, ``exclude_head``;
+    by default the convolutions of a CNN or the linear layers of a ViT/MLP, never the classifier head). Defaults are the
     official code's, except ``neuron_ratio`` (swept there; see the method card) and the unlearning cap. The paper
     fine-tunes with ``SGD(lr=0.01, momentum=0.9)`` for 21 epochs on the clean set: configure your module and Trainer
     that way, or keep yours.
@@ -43,7 +45,7 @@ def tsbd(
     Args:
         dataloader: stage 1's clean data; default: the fit's training data.
         neuron_ratio, subweight_ratio, lr_unlearn, max_unlearn_epochs, unlearn_stop_acc, stop_on_single_class,
-            layer_types, include, exclude, progress_bar: see :class:`NeuronWeightChangeReinit`.
+            layer_types, include, exclude, progress_bar, exclude_head: see :class:`NeuronWeightChangeReinit`.
         mode, alpha, r, norm, eps, clip_factor: see :class:`ActivenessAwareFineTuning`.
 
     Example::
@@ -67,6 +69,7 @@ def tsbd(
             exclude=exclude,
             dataloader=dataloader,
             progress_bar=progress_bar,
+            exclude_head=exclude_head,
         ),
         ActivenessAwareFineTuning(
             alpha=alpha,
@@ -78,5 +81,6 @@ def tsbd(
             layer_types=layer_types,
             include=include,
             exclude=exclude,
+            exclude_head=exclude_head,
         ),
     ]

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_ft.backdoor import ActivenessAwareFineTuning, NeuronWeightChangeReinit, find_neuron_layers, tsbd
+from lightning_ft.backdoor import ActivenessAwareFineTuning, NeuronWeightChangeReinit, tsbd
 from tests.helpers.data import small_digits_datamodule
 from tests.helpers.models import tiny_classifier
 
@@ -32,7 +32,7 @@ def _flat(pl_module: pl.LightningModule) -> torch.Tensor:
 
 
 def _zeros(pl_module: pl.LightningModule, stage1: NeuronWeightChangeReinit) -> int:
-    layers = find_neuron_layers(pl_module, stage1.layer_types, stage1.include, stage1.exclude)
+    layers = stage1.layers(pl_module)
     return sum(int((layer.weight.detach() == 0).sum()) for layer in layers)
 
 
@@ -120,8 +120,12 @@ def main() -> None:
         limit_val_batches=0,
         callbacks=[stage1, stage2, Checker(args.out, stage1, stage2, args.skip_g2_reduce)],
     )
-    # shuffle=True: the distributed sampler gives each rank a different shard of the training set
-    trainer.fit(tiny_classifier(), small_digits_datamodule(shuffle=True))
+    try:
+        # shuffle=True: the distributed sampler gives each rank a different shard of the training set
+        trainer.fit(tiny_classifier(), small_digits_datamodule(shuffle=True))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
