@@ -10,17 +10,21 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_histogram
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES
 from lightning_ft._internal.validation import check_int
+from lightning_ft.pruning._strategy import check_strategy
 from lightning_ft.pruning.gates import (
+    GATE_ATTR,
     GATE_TYPES,
     GatedLayer,
     attach_gates,
+    ensure_gate_hooks,
     find_gates,
+    fold_gates_into_state_dict,
     gate_penalty_grad,
     make_permanent,
     num_pruned,
@@ -51,6 +55,18 @@ class LearnedMaskPruning(Callback):
     HardConcrete noise comes from the callback's seeded generator, which is checkpointed with the gate optimizer
     and the frozen masks, so a resumed fit continues the schedule with the same masks.
 
+    Checkpoints written during the fit hold the model the user would get if the fit stopped there: the current
+    gates are folded into the weights (``on_save_checkpoint``, as Lightning's ``ModelPruning`` does) and the gate
+    keys are dropped, so ``load_from_checkpoint`` works on a freshly built module. The callback's own state keeps
+    the gate scores and the original values of the folded output rows (only the rows whose gate is not 1), so
+    ``ckpt_path=`` resumes exactly. Checkpoints with ``save_weights_only=True`` are the exception: Lightning does not
+    call callbacks' ``on_save_checkpoint`` for them, and they keep the gate keys.
+
+    A callback reused for a second ``fit`` starts afresh (schedule, frozen masks, noise generator, gate optimizer),
+    unless that fit resumes from a checkpoint. The gates' forward hooks are checked again in ``on_fit_start``, after
+    the strategy has set the model up: ``sync_batchnorm=True`` replaces the BatchNorms (keeping their ``neuron_gate``)
+    and drops their hooks, which are then registered again. FSDP and DeepSpeed are refused at ``setup``.
+
     Args:
         sparsity: target share of gated neurons to prune, in [0, 1).
         gate_type: ``"sigmoid"`` (structured soft movement pruning: binary forward, straight-through scores, L1 on
@@ -58,7 +74,9 @@ class LearnedMaskPruning(Callback):
         layer_types: gated layers, subset of ``("conv", "linear", "hf_conv1d", "bn")``. Conv nets: ``("bn",)``
             (the default; a gate on the BatchNorm output makes a pruned channel exactly zero). GPT-2's MLP:
             ``("hf_conv1d",)`` with ``include=(r"mlp\\.c_fc",)``.
-        include, exclude: regular expressions on layer names.
+        include, exclude: regular expressions on layer names. The classifier head (timm's ``get_classifier()``, HF's
+            ``get_output_embeddings()``, else the model's last conv/linear layer) is never gated unless ``include``
+            names it.
         scope: ``"layer"`` (prune the same share of every layer) or ``"global"`` (rank all neurons together).
         min_keep: neurons always kept per layer.
         schedule_start, schedule_end: where the sparsity starts rising and reaches its target, as shares of the
@@ -125,14 +143,21 @@ class LearnedMaskPruning(Callback):
         self.gate_lr = gate_lr
         self.init, self.total_steps, self.make_permanent, self.seed = init, total_steps, make_permanent, seed
         self.gated: list[GatedLayer] = []
+        self._load_hook: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of a fresh fit (a checkpoint's state, if any, is loaded after this, in ``load_state_dict``)."""
         self.pruned: dict[str, int] = {}  # pruned neurons per layer, after make_permanent
-        self.current_sparsity = 0.0  # share of gated neurons masked now
+        self.current_sparsity = 0.0  # the schedule's share of gated neurons masked now (computed on the host)
         self._total = 0
         self._optimizer: torch.optim.Optimizer | None = None
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         self._frozen: list[Tensor] | None = None
         self._mask_step = -1
         self._pending: dict[str, Any] = {}
+        self._gate_keys_missing = False  # the restored state dict had its gates folded (see setup)
+        self._gates_restored = False
 
     @property
     @override
@@ -143,23 +168,70 @@ class LearnedMaskPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        # before configure_optimizers and the DDP wrap, so both see the scores; a resumed checkpoint holds them
+        check_strategy(trainer, type(self).__name__)
+        # Lightning calls setup, then (resuming with ckpt_path) restores the module's weights and calls our
+        # load_state_dict, then wraps the model (DDP, sync_batchnorm) and calls on_fit_start: reset here, so that a
+        # reused callback starts afresh and a resumed one gets its checkpointed state
+        self._reset()
+        # before configure_optimizers and the DDP wrap, so both see the scores
         self.gated = find_gates(pl_module) or attach_gates(
             pl_module, self.layer_types, self.include, self.exclude, self.gate_type, self.init
         )
         for g in self.gated:
             if g.gate.gate_type != self.gate_type:
                 raise ValueError(f"{g.name} already has a {g.gate.gate_type!r} gate, not {self.gate_type!r}.")
+        self._remove_load_hook()
+        # our checkpoints hold folded weights without gate keys: let Lightning's strict restore accept their absence
+        # (the scores come back from this callback's state, in load_state_dict)
+        callback = self  # a closure rather than a bound method: a deep copy of the module does not copy the callback
+
+        def accept_folded(module: nn.Module, incompatible: Any) -> None:
+            callback._accept_folded_state_dict(module, incompatible)
+
+        self._load_hook = pl_module.register_load_state_dict_post_hook(accept_folded)
+
+    def _accept_folded_state_dict(self, module: nn.Module, incompatible: Any) -> None:
+        gate_keys = {f"{g.name}.{GATE_ATTR}.{k}" for g in self.gated for k in g.gate.state_dict()}
+        missing = [k for k in incompatible.missing_keys if k in gate_keys]
+        if gate_keys and len(missing) == len(gate_keys):  # all of them: a folded checkpoint (some: a real mismatch)
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in gate_keys]
+            self._gate_keys_missing = True
+
+    def _remove_load_hook(self) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_load_hook()
 
     def _gates(self) -> list:
         return [g.gate for g in self.gated]
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_load_hook()
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "LearnedMaskPruning steps the gate scores with automatic optimization's optimizer step; manual"
                 " optimization is not supported."
+            )
+        # the strategy may have replaced gated modules (sync_batchnorm=True converts the BatchNorms: the gate child
+        # is carried over, the forward hook is not); find the gates again and re-register lost hooks
+        gated = ensure_gate_hooks(pl_module)
+        if [g.gate for g in gated] != [g.gate for g in self.gated]:
+            raise RuntimeError(
+                f"LearnedMaskPruning: the strategy {type(trainer.strategy).__name__} replaced gated layers without"
+                f" their gates (gated before its setup: {[g.name for g in self.gated]}, after:"
+                f" {[g.name for g in gated]})."
+            )
+        self.gated = gated
+        if self._gate_keys_missing and not self._gates_restored:
+            rank_zero_warn(
+                "LearnedMaskPruning: the checkpoint's weights have the gates folded in, but the checkpoint holds no"
+                f" state for this callback (state_key {self.state_key!r}); the gates start afresh on the folded"
+                " weights."
             )
         # an explicit total, else the resumed schedule's, else the fit's
         total = self.total_steps or self._pending.pop("total", None) or trainer.estimated_stepping_batches
@@ -261,8 +333,10 @@ class LearnedMaskPruning(Callback):
             return
         gates = self._gates()
         density = torch.cat([g.density().detach() for g in gates]).mean()
+        # measured on the gates (masked, or a HardConcrete gate closed at 0), as a tensor: no device sync here
+        measured = torch.cat([g.pruned() for g in gates]).float().mean()
         values = {
-            "prune/sparsity": self.current_sparsity,
+            "prune/sparsity": measured,
             # the step whose masks this batch used (global_step has already moved past it)
             "prune/target_sparsity": self.target_sparsity(self._mask_step),
             "prune/gate_density": density,
@@ -284,22 +358,69 @@ class LearnedMaskPruning(Callback):
                 f" (now {self.current_sparsity:.3f}); the current masks are made permanent."
             )
         total = sum(g.num_neurons for g in self.gated)
-        self.pruned = make_permanent(pl_module)
+        self.pruned = make_permanent(pl_module)  # finds the gates in the module's current layers
         self.gated, self._optimizer = [], None
         rank_zero_info(
             f"LearnedMaskPruning: pruned {sum(self.pruned.values())} of {total} neurons in {len(self.pruned)} layers."
         )
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.gated and "state_dict" in checkpoint:
+            # the model the user would get if the fit stopped here, loadable into a fresh module; state_dict() below
+            # keeps what resuming needs
+            checkpoint["state_dict"] = fold_gates_into_state_dict(checkpoint["state_dict"], self.gated)
+
+    @torch.no_grad()
+    def _unfolded_rows(self) -> dict[str, dict[str, Tensor]]:
+        """The original values of the output rows that folding changes (gate value not 1), per gated layer."""
+        rows = {}
+        for g in self.gated:
+            index = (g.gate.eval_value() != 1).nonzero().flatten()
+            if not index.numel():
+                continue
+            weight = g.module.weight
+            entry = {"index": index.cpu(), "weight": weight.index_select(g.out_dim, index.to(weight.device)).cpu()}
+            bias = getattr(g.module, "bias", None)
+            if isinstance(bias, Tensor):
+                entry["bias"] = bias[index.to(bias.device)].cpu()
+            rows[g.name] = entry
+        return rows
+
+    @torch.no_grad()
+    def _restore_gates(self, scores: dict[str, Tensor], rows: dict[str, dict[str, Tensor]]) -> None:
+        gated = {g.name: g for g in self.gated}
+        if set(scores) != set(gated) or any(scores[n].shape != gated[n].gate.scores.shape for n in scores):
+            raise ValueError(
+                f"the checkpoint's LearnedMaskPruning state gates {sorted(scores)}, this fit gates {sorted(gated)}"
+                " (or with other sizes): resume with the same model and the same layer_types/include/exclude."
+            )
+        for name, value in scores.items():
+            gated[name].gate.scores.copy_(value)
+        for name, entry in rows.items():  # the checkpoint's weights are folded: put the original rows back
+            g = gated[name]
+            weight = g.module.weight
+            weight.index_copy_(g.out_dim, entry["index"].to(weight.device), entry["weight"].to(weight))
+            if "bias" in entry:
+                g.module.bias[entry["index"].to(weight.device)] = entry["bias"].to(g.module.bias)
+        self._gates_restored = True
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         optimizer = self._optimizer.state_dict() if self._optimizer is not None else self._pending.get("optimizer")
-        return {
+        state = {
             "optimizer": optimizer,
             "frozen": None if self._frozen is None else [m.cpu() for m in self._frozen],
             "generator": self._generator.get_state(),
             "current_sparsity": self.current_sparsity,
             "total": self._total or self._pending.get("total"),
         }
+        if self.gated:  # mid-fit: checkpoints hold folded weights without the gates (on_save_checkpoint)
+            state["scores"] = {g.name: g.gate.scores.detach().cpu().clone() for g in self.gated}
+            state["unfolded"] = self._unfolded_rows()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -312,3 +433,6 @@ class LearnedMaskPruning(Callback):
         self.current_sparsity = state_dict.get("current_sparsity", 0.0)
         if state_dict.get("total"):
             self._pending["total"] = state_dict["total"]
+        # called after setup (gates attached) and after the module's weights were restored
+        if state_dict.get("scores") is not None and self.gated:
+            self._restore_gates(state_dict["scores"], state_dict.get("unfolded") or {})

@@ -25,20 +25,25 @@ layer); after a ReLU that gradient is 0, the neuron's score only sees the regula
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers, layer_type
+from lightning_ft._internal.neurons import GATE_LAYER_TYPES, LAYER_TYPES, NeuronLayer, find_neuron_layers, layer_type
 
 __all__ = [
     "GATE_TYPES",
     "GatedLayer",
     "NeuronGate",
     "attach_gates",
+    "classifier_heads",
+    "ensure_gate_hooks",
     "find_gates",
+    "fold_gates_into_state_dict",
     "gate_penalty_grad",
     "make_permanent",
     "num_pruned",
@@ -109,6 +114,21 @@ class NeuronGate(nn.Module):
             z = z + (z * self.mask.to(z) - z).detach()  # pruned neurons: forward 0, gradient still flows
         return z
 
+    @torch.no_grad()
+    def eval_value(self) -> Tensor:
+        """The eval-mode gate values, mask included (what :func:`make_permanent` folds into the weights)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.value().detach()
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def pruned(self) -> Tensor:
+        """Boolean per neuron: its eval-mode gate is 0 (masked, or a HardConcrete gate closed at 0)."""
+        return self.eval_value() == 0
+
     def density(self) -> Tensor:
         """The differentiable regulariser per neuron: ``sigmoid(s)`` or HardConcrete's ``P(z > 0)``."""
         return torch.sigmoid(self.scores if self.gate_type == "sigmoid" else self.scores - _HC_SHIFT)
@@ -142,6 +162,23 @@ class GatedLayer:
 
     def __repr__(self) -> str:
         return f"GatedLayer({self.name!r}, {self.kind}, {self.num_neurons} neurons)"
+
+
+def has_gate_hook(module: nn.Module) -> bool:
+    """Whether ``module`` has the gate's forward hook (it does not survive a module conversion such as
+    ``SyncBatchNorm.convert_sync_batchnorm``, which carries the ``neuron_gate`` child over but not the hooks)."""
+    return any(hook is _gate_hook for hook in module._forward_hooks.values())
+
+
+def ensure_gate_hooks(model: nn.Module) -> list[GatedLayer]:
+    """The gated layers of ``model``, with the gate's forward hook registered again on any that lost it (a layer
+    replaced by a converted copy, e.g. Lightning's ``sync_batchnorm=True``, keeps its ``neuron_gate`` child but not
+    its hooks)."""
+    gated = find_gates(model)
+    for g in gated:
+        if not has_gate_hook(g.module):
+            g.module.register_forward_hook(_gate_hook)
+    return gated
 
 
 def find_gates(model: nn.Module) -> list[GatedLayer]:
@@ -178,6 +215,8 @@ def attach_gates(
         gate_type: ``"sigmoid"`` or ``"hard_concrete"``.
         init: initial score (default per gate type).
 
+    The classifier head (:func:`classifier_heads`) is skipped unless a pattern of ``include`` matches its name.
+
     Raises:
         ValueError: on an unknown type, no eligible layer, or a layer that already has a gate.
 
@@ -190,6 +229,17 @@ def attach_gates(
     if gate_type not in GATE_TYPES:
         raise ValueError(f"`gate_type` must be one of {GATE_TYPES}, got {gate_type!r}.")
     layers = find_neuron_layers(model, layer_types, include, exclude, allowed=GATE_LAYER_TYPES)
+    heads = classifier_heads(model)
+    named = [re.compile(p) for p in include]
+    # the classifier head's outputs are the classes: never gated unless an `include` pattern names it
+    skipped = [layer.name for layer in layers if layer.name in heads and not any(p.search(layer.name) for p in named)]
+    layers = [layer for layer in layers if layer.name not in skipped]
+    if not layers:
+        raise ValueError(
+            f"no eligible layer: the only layers of types {tuple(layer_types)} left are the classifier head"
+            f" {skipped}, whose output neurons are the classes and which is never gated by default. Gate other layer"
+            " types (e.g. 'bn'), or name the head in `include` to gate it anyway."
+        )
     taken = [layer.name for layer in layers if hasattr(layer.module, GATE_ATTR)]
     if taken:
         raise ValueError(f"layers already gated: {taken[:5]}; call remove_gates or make_permanent first.")
@@ -225,10 +275,7 @@ def make_permanent(model: nn.Module) -> dict[str, int]:
     """
     pruned = {}
     for g in find_gates(model):
-        was_training = g.gate.training
-        g.gate.eval()
-        z = g.gate.value().detach()
-        g.gate.train(was_training)
+        z = g.gate.eval_value()
         weight = g.module.weight
         shape = [1] * weight.dim()
         shape[g.out_dim] = -1
@@ -239,6 +286,78 @@ def make_permanent(model: nn.Module) -> dict[str, int]:
         pruned[g.name] = int((z == 0).sum())
     remove_gates(model)
     return pruned
+
+
+def classifier_heads(model: nn.Module) -> list[str]:
+    """Names of the classifier-head layers of ``model`` (conv, linear or ``transformers`` Conv1D modules).
+
+    The heads are what timm's ``get_classifier()`` and Hugging Face's ``get_output_embeddings()`` return, for every
+    submodule that has these methods (a ``LightningModule`` wrapping the model included). A model with neither method
+    (a plain ``nn.Module``) has as head its last conv/linear layer in module order (``fc`` of a CNN, the last
+    ``Linear`` of an MLP).
+    """
+    by_id = {id(m): name for name, m in model.named_modules()}
+    heads: list[str] = []
+    has_api = False
+    for module in model.modules():
+        for attr in ("get_classifier", "get_output_embeddings"):
+            getter = getattr(module, attr, None)
+            if not callable(getter):
+                continue
+            has_api = True
+            found = getter()
+            for head in found if isinstance(found, (tuple, list)) else (found,):
+                if not isinstance(head, nn.Module):
+                    continue
+                for sub in head.modules():  # a head may be a block (timm's ClassifierHead holds its `fc`)
+                    name = by_id.get(id(sub))
+                    kind = layer_type(sub)
+                    if name is not None and kind in LAYER_TYPES and name not in heads:
+                        heads.append(name)
+    if has_api:
+        return heads
+    last = [name for name, m in model.named_modules() if layer_type(m) in LAYER_TYPES]
+    return last[-1:]
+
+
+def _gate_prefixes(gated: Sequence[GatedLayer]) -> list[str]:
+    return [f"{g.name}.{GATE_ATTR}." for g in gated]
+
+
+@torch.no_grad()
+def fold_gates_into_state_dict(state_dict: Mapping[str, Any], gated: Sequence[GatedLayer]) -> OrderedDict:
+    """A copy of a gated model's ``state_dict`` with the gates folded in and their keys dropped.
+
+    Each gated layer's weight and bias are multiplied by the gate's eval-mode value (mask included), as
+    :func:`make_permanent` does, in new tensors (the model's own parameters are untouched). The result loads strictly
+    into the ungated model, which then computes what the gated model computes in eval mode.
+    ``gated`` must come from :func:`find_gates` on the module whose ``state_dict`` this is (names are its keys).
+    """
+    prefixes = tuple(_gate_prefixes(gated))
+    factors = {}
+    for g in gated:
+        factors[f"{g.name}.weight"] = (g, "weight")
+        factors[f"{g.name}.bias"] = (g, "bias")
+    values = {g.name: g.gate.eval_value() for g in gated}
+    out: OrderedDict = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith(prefixes):
+            continue
+        if key in factors and isinstance(value, Tensor):
+            g, kind = factors[key]
+            z = values[g.name].to(device=value.device, dtype=value.dtype)
+            if kind == "weight":
+                shape = [1] * value.dim()
+                shape[g.out_dim] = -1
+                z = z.view(shape)
+            value = value * z
+        out[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict(  # type: ignore[attr-defined]
+            (k, v) for k, v in metadata.items() if not f"{k}.".startswith(prefixes)
+        )
+    return out
 
 
 def num_pruned(

@@ -3,18 +3,25 @@ the channels whose mask stays low in the original model.
 
 The functional core follows the official code (``bboylyg/RNP``, ``main.py`` and ``models/mask_batchnorm.py``):
 
-1. :func:`rnp_unlearn`: gradient ascent on cross-entropy over clean data, SGD(lr 0.01, momentum 0.9, weight decay
-   5e-4), learning rate x0.1 at epochs 10 and 20, stopping when the epoch's running train-mode accuracy is at most
-   0.2. The official code calls ``clip_grad_norm_`` before ``backward`` (no effect); ``clip_norm`` clips after it.
+1. :func:`rnp_unlearn`: gradient ascent on the training loss (cross-entropy, or the module's ``lightning_ft_loss``)
+   over clean data, SGD(lr 0.01, momentum 0.9, weight decay 5e-4), learning rate x0.1 at epochs 10 and 20, stopping
+   when the epoch's running train-mode accuracy is at most 0.2. The official code calls ``clip_grad_norm_`` before
+   ``backward`` (no effect); ``clip_norm`` clips after it.
 2. :func:`rnp_recover_masks`: every BatchNorm's ``gamma`` is multiplied by a mask ``m`` (init 1, ``beta`` kept);
    only the masks train, SGD(lr 0.2, momentum 0.9) on ``alpha * CE`` for 20 epochs in train mode, clamped to [0, 1]
    after each step.
 3. :func:`rnp_prune_`: ``gamma`` is set to 0 for every channel with ``m <= threshold`` in the original model (the
    channel becomes the constant ``beta``).
+
+Both offline phases run through :class:`~lightning_ft._internal.offline.OfflinePhase` (a progress bar that follows the
+Trainer's, per-epoch log lines with ``verbose``, autocast under mixed precision) and read logits and losses with the
+shared helpers of :mod:`lightning_ft._internal.forward` (tensor, dict or HF ``ModelOutput`` returns; the user's loss
+hook).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Iterable, Sequence
@@ -23,14 +30,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
+from lightning_ft._internal.forward import has_user_loss, logits_of, model_dtype, model_loss
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers
+from lightning_ft._internal.offline import OfflinePhase
 from lightning_ft._internal.validation import check_int
+from lightning_ft.pruning._strategy import check_strategy
 
 __all__ = ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
 
@@ -48,6 +60,37 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _precision(phase: OfflinePhase, trainer: pl.Trainer | None) -> contextlib.AbstractContextManager:
+    """The Trainer's autocast under mixed precision; nothing otherwise (a ``*-true`` precision's model is copied to
+    float32 for the offline phases, see :meth:`ReconstructiveNeuronPruning._run`)."""
+    if trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision):
+        return phase.precision()
+    return contextlib.nullcontext()
+
+
+def _loss_and_predictions(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, logits, labels)`` of ``batch``: the user's ``lightning_ft_loss`` when the module defines it (the
+    logits are then read from the module's own forward inside that hook), else cross-entropy."""
+    outputs: list[Any] = []
+    handle = model.register_forward_hook(lambda m, i, o: outputs.append(o)) if has_user_loss(model) else None
+    try:
+        loss, logits, labels = model_loss(model, batch)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if logits is None:  # the user's loss: RNP's stopping rule still needs the predictions
+        if not outputs:
+            raise ValueError(
+                f"RNP's unlearning stops on the running accuracy, so it needs the logits: "
+                f"{type(model).__name__}.lightning_ft_loss(batch) must compute them by calling the module itself"
+                " (self(inputs)), and the batch must carry labels."
+            )
+        logits = logits_of(outputs[-1])
+        labels = inputs_and_labels(batch)[1].to(logits.device)
+    assert labels is not None
+    return loss, logits, labels
+
+
 def rnp_unlearn(
     model: nn.Module,
     loader: Iterable[Any],
@@ -58,34 +101,47 @@ def rnp_unlearn(
     stop_acc: float = 0.2,
     clip_norm: float | None = None,
     milestones: Sequence[int] = (10, 20),
+    *,
+    trainer: pl.Trainer | None = None,
+    progress_bar: bool | None = None,
+    verbose: bool = False,
 ) -> tuple[int, float]:
-    """RNP's clean unlearning, in place on ``model`` (pass a copy). Returns ``(epochs run, last running accuracy)``."""
+    """RNP's clean unlearning, in place on ``model`` (pass a copy). Returns ``(epochs run, last running accuracy)``.
+
+    The loss is the module's ``lightning_ft_loss(batch)`` when it defines one, else cross-entropy; forward outputs may
+    be tensors, dicts with ``logits`` or HF ``ModelOutput``s. ``trainer`` (optional) gives the progress bar (or
+    ``progress_bar`` forces it) and the autocast of mixed precision; ``verbose`` logs a line per epoch.
+    """
     device = _device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.1)
     acc = 1.0
-    for epoch in range(1, max_epochs + 1):
-        model.train()
-        correct = torch.zeros((), device=device)
-        total = 0
-        for batch in loader:
-            x, y = inputs_and_labels(batch)
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            optimizer.zero_grad(set_to_none=True)
-            (-nn.functional.cross_entropy(out, y)).backward()
-            if clip_norm is not None:
-                nn.utils.clip_grad_norm_(params, clip_norm)
-            optimizer.step()
-            correct += (out.argmax(-1) == y).sum()
-            total += y.numel()
-        scheduler.step()
-        if total == 0:
-            raise ValueError("the clean data loader is empty: RNP's unlearning needs clean samples.")
-        acc = float(correct) / total  # one sync per epoch
-        if acc <= stop_acc:
-            return epoch, acc
+    phase = OfflinePhase("RNP unlearning", max_epochs, trainer, progress_bar, verbose)
+    try:
+        for epoch in phase:
+            model.train()
+            correct = torch.zeros((), device=device)
+            total = 0
+            for batch in loader:
+                with _precision(phase, trainer):
+                    loss, logits, labels = _loss_and_predictions(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                (-loss).backward()
+                if clip_norm is not None:
+                    nn.utils.clip_grad_norm_(params, clip_norm)
+                optimizer.step()
+                correct += (logits.detach().argmax(-1) == labels).sum()
+                total += labels.numel()
+            scheduler.step()
+            if total == 0:
+                raise ValueError("the clean data loader is empty: RNP's unlearning needs clean samples.")
+            acc = float(correct) / total  # one sync per epoch
+            phase.log(epoch, acc=acc)
+            if acc <= stop_acc:
+                return epoch, acc
+    finally:
+        phase.close()
     return max_epochs, acc
 
 
@@ -108,10 +164,15 @@ def rnp_recover_masks(
     alpha: float = 0.2,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    *,
+    trainer: pl.Trainer | None = None,
+    progress_bar: bool | None = None,
+    verbose: bool = False,
 ) -> dict[str, Tensor]:
     """Learn one mask per BatchNorm channel of the (unlearned) ``model`` on clean data; returns them by layer name.
 
-    ``model``'s own parameters are left unchanged (its BatchNorm running statistics are updated: pass a copy).
+    ``model``'s own parameters are left unchanged (its BatchNorm running statistics are updated: pass a copy). The
+    loss, output formats, ``trainer``, ``progress_bar`` and ``verbose`` are as in :func:`rnp_unlearn`.
     """
     device = _device(model)
     bns = _batchnorms(model, include, exclude)
@@ -121,19 +182,26 @@ def rnp_recover_masks(
     for p in trainable:
         p.requires_grad_(False)
     optimizer = torch.optim.SGD(list(masks.values()), lr=lr, momentum=momentum)
+    phase = OfflinePhase("RNP mask recovery", epochs, trainer, progress_bar, verbose)
     try:
         model.train()
-        for _ in range(epochs):
+        for epoch in phase:
+            total = torch.zeros((), device=device)
+            batches = 0
             for batch in loader:
-                x, y = inputs_and_labels(batch)
-                loss = alpha * nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+                with _precision(phase, trainer):
+                    loss = alpha * model_loss(model, batch)[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
                     for m in masks.values():
                         m.clamp_(0.0, 1.0)
+                total += loss.detach().float()
+                batches += 1
+            phase.log(epoch, loss=float(total) / max(batches, 1))  # one sync per epoch
     finally:
+        phase.close()
         for handle in handles:
             handle.remove()
         for p in trainable:
@@ -160,6 +228,14 @@ class ReconstructiveNeuronPruning(Callback):
     """RNP backdoor defense: unlearn a copy on clean data, recover BatchNorm channel masks on it, and prune the
     channels whose mask stays at or below ``threshold`` in the model being trained, before its first step.
 
+    The unlearning and the mask recovery run on a copy of the model: in float32 when the fit's precision keeps the
+    weights in another dtype (``bf16-true``), under the Trainer's autocast for mixed precision, with plain BatchNorms
+    (a ``sync_batchnorm=True`` model's ``SyncBatchNorm`` would wait for the other ranks, while RNP runs on rank 0
+    only). Forward outputs may be tensors, dicts with ``logits`` or HF ``ModelOutput``s; a module that defines
+    ``lightning_ft_loss(batch)`` has its loss unlearned and recovered on instead of cross-entropy. A callback reused
+    for a second fit runs RNP again (unless that fit resumes from a checkpoint of the first). FSDP and DeepSpeed are
+    refused at ``setup``.
+
     Backdoor channels are the ones the unlearned model can do without when it recovers clean accuracy through masks
     alone, so their masks fall (Li et al. 2023). Runs at the start of training on rank 0 (the whole clean set), and
     the pruned channel indices are broadcast so every rank prunes the same ones. With ``keep_pruned`` the pruned
@@ -178,6 +254,8 @@ class ReconstructiveNeuronPruning(Callback):
         keep_pruned: hold pruned ``gamma`` at 0 during the fine-tuning that follows.
         finetune: continue with the fit's fine-tuning after pruning (False: stop the fit).
         dataloader: clean ``(x, y)`` batches; default: the fit's training data, read without a distributed sampler.
+        progress_bar: a progress bar per phase on rank 0 (None: when the Trainer shows one).
+        verbose: a log line per epoch of each phase (accuracy of the unlearning, loss of the recovery).
 
     Example::
 
@@ -205,6 +283,8 @@ class ReconstructiveNeuronPruning(Callback):
         keep_pruned: bool = True,
         finetune: bool = True,
         dataloader: Iterable[Any] | None = None,
+        progress_bar: bool | None = None,
+        verbose: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= threshold <= 1.0:
@@ -225,6 +305,11 @@ class ReconstructiveNeuronPruning(Callback):
         self.mask_lr, self.mask_momentum, self.mask_epochs, self.alpha = mask_lr, mask_momentum, mask_epochs, alpha
         self.include, self.exclude = tuple(include), tuple(exclude)
         self.keep_pruned, self.finetune, self.dataloader = keep_pruned, finetune, dataloader
+        self.progress_bar, self.verbose = progress_bar, verbose
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of a fresh fit (a resumed fit's checkpointed state is loaded after ``setup``)."""
         self.done = False
         self.pruned: dict[str, Tensor] = {}
         self.report: dict[str, Any] = {}
@@ -239,8 +324,12 @@ class ReconstructiveNeuronPruning(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":  # fail before training on a model without BatchNorm
-            _batchnorms(pl_module, self.include, self.exclude)
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)
+        _batchnorms(pl_module, self.include, self.exclude)  # fail before training on a model without BatchNorm
+        # a reused callback runs RNP again; when this fit resumes, Lightning calls load_state_dict after setup
+        self._reset()
 
     def apply(self, model: nn.Module, dataloader: Iterable[Any]) -> dict[str, Any]:
         """RNP on ``model`` in this process, without a Trainer; returns the report (``self.masks`` holds the masks)."""
@@ -249,9 +338,14 @@ class ReconstructiveNeuronPruning(Callback):
         self.report = payload["report"]
         return dict(self.report)
 
-    def _run(self, model: nn.Module, loader: Iterable[Any]) -> dict[str, Any]:
+    def _run(self, model: nn.Module, loader: Iterable[Any], trainer: pl.Trainer | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         unlearned = copy.deepcopy(model)  # the user's model is untouched until the masks exist
+        # rank 0 runs alone: SyncBatchNorm (sync_batchnorm=True) would wait for the other ranks' statistics
+        unlearned = TorchSyncBatchNorm().revert(unlearned)
+        if model_dtype(unlearned) != torch.float32:  # bf16-true/16-true: unlearn and recover in float32
+            unlearned = unlearned.float()
+        phases = {"trainer": trainer, "progress_bar": self.progress_bar, "verbose": self.verbose}
         with torch.enable_grad(), torch.inference_mode(False):
             epochs, acc = rnp_unlearn(
                 unlearned,
@@ -262,6 +356,7 @@ class ReconstructiveNeuronPruning(Callback):
                 max_epochs=self.unlearn_epochs,
                 stop_acc=self.unlearn_stop_acc,
                 clip_norm=self.unlearn_clip_norm,
+                **phases,
             )
             masks = rnp_recover_masks(
                 unlearned,
@@ -272,6 +367,7 @@ class ReconstructiveNeuronPruning(Callback):
                 alpha=self.alpha,
                 include=self.include,
                 exclude=self.exclude,
+                **phases,
             )
         del unlearned
         self.masks = {k: v.cpu() for k, v in masks.items()}
@@ -293,7 +389,7 @@ class ReconstructiveNeuronPruning(Callback):
             return
         payload: dict[str, Any] | None = None
         if trainer.is_global_zero:
-            payload = self._run(pl_module, clean_loader(trainer, self.dataloader, type(self).__name__))
+            payload = self._run(pl_module, clean_loader(trainer, self.dataloader, type(self).__name__), trainer)
         payload = trainer.strategy.broadcast(payload, src=0)
         assert payload is not None
         self.pruned = rnp_prune_(pl_module, payload["masks"], self.threshold)

@@ -114,8 +114,14 @@ def main() -> None:
         limit_val_batches=0,
         callbacks=[pruning, Checker(args.out, pruning)],
     )
-    # shuffle=True: the distributed sampler gives each rank a different shard of the training set
-    trainer.fit(tiny_classifier(), small_digits_datamodule(shuffle=True))
+    try:
+        # shuffle=True: the distributed sampler gives each rank a different shard of the training set
+        trainer.fit(tiny_classifier(), small_digits_datamodule(shuffle=True))
+    finally:
+        # a process group left to interpreter shutdown can abort the process ("terminate called without an active
+        # exception") after a green fit
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
