@@ -42,20 +42,21 @@ def fit_and_resume(
     resumed)`` for the caller to compare."""
     pl.seed_everything(seed, verbose=False)
     full_module, full_callbacks = make_module(), make_callbacks()
-    quiet_trainer(max_epochs=max_epochs, callbacks=full_callbacks).fit(full_module, make_data())
+    root = tmp_path / "root"  # one default_root_dir for all three fits: callback states may name files in it
+    quiet_trainer(max_epochs=max_epochs, callbacks=full_callbacks, default_root_dir=root).fit(full_module, make_data())
 
     pl.seed_everything(seed, verbose=False)
     ckpt_dir = tmp_path / "ckpt"
     first = make_module()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
-    quiet_trainer(max_epochs=stop_epoch, callbacks=[*make_callbacks(), checkpoint], enable_checkpointing=True).fit(
-        first, make_data()
-    )
+    quiet_trainer(
+        max_epochs=stop_epoch, callbacks=[*make_callbacks(), checkpoint], enable_checkpointing=True, default_root_dir=root
+    ).fit(first, make_data())
 
     resumed_module, resumed_callbacks = make_module(), make_callbacks()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)  # same callback set as the first run
     callbacks = [*resumed_callbacks, checkpoint]
-    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True)
+    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True, default_root_dir=root)
     trainer.fit(resumed_module, make_data(), ckpt_path=str(ckpt_dir / "last.ckpt"))
     return (full_module, full_callbacks), (resumed_module, resumed_callbacks)
 

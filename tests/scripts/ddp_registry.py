@@ -25,7 +25,7 @@ class Dump(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         gathered = trainer.strategy.all_gather(flat)
-        state = {k: v for k, v in self.watched.state_dict().items() if not isinstance(v, dict) or k != "best_weights"}
+        state = self.watched.state_dict()
         result = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
@@ -51,6 +51,7 @@ def main() -> None:
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=2,
+        default_root_dir=args.out,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
