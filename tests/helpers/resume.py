@@ -50,13 +50,18 @@ def fit_and_resume(
     first = make_module()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
     quiet_trainer(
-        max_epochs=stop_epoch, callbacks=[*make_callbacks(), checkpoint], enable_checkpointing=True, default_root_dir=root
+        max_epochs=stop_epoch,
+        callbacks=[*make_callbacks(), checkpoint],
+        enable_checkpointing=True,
+        default_root_dir=root,
     ).fit(first, make_data())
 
     resumed_module, resumed_callbacks = make_module(), make_callbacks()
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)  # same callback set as the first run
     callbacks = [*resumed_callbacks, checkpoint]
-    trainer = quiet_trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True, default_root_dir=root)
+    trainer = quiet_trainer(
+        max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=True, default_root_dir=root
+    )
     trainer.fit(resumed_module, make_data(), ckpt_path=str(ckpt_dir / "last.ckpt"))
     return (full_module, full_callbacks), (resumed_module, resumed_callbacks)
 
