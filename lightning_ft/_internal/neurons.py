@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["GATE_LAYER_TYPES", "LAYER_TYPES", "NeuronLayer", "find_neuron_layers"]
+__all__ = ["GATE_LAYER_TYPES", "LAYER_TYPES", "NeuronLayer", "classifier_heads", "find_neuron_layers"]
 
 LAYER_TYPES = ("conv", "linear", "hf_conv1d")
 GATE_LAYER_TYPES = (*LAYER_TYPES, "bn")  # BatchNorm channels count as neurons for channel masks (pruning, RNP)
@@ -116,3 +116,35 @@ def find_neuron_layers(
             f" has these layers: {listed}. Widen `types` (e.g. add 'linear') or relax the patterns."
         )
     return layers
+
+
+def classifier_heads(model: nn.Module) -> list[str]:
+    """Names of the classifier-head layers of ``model`` (conv, linear or ``transformers`` Conv1D modules).
+
+    The heads are what timm's ``get_classifier()`` and Hugging Face's ``get_output_embeddings()`` return, for every
+    submodule that has these methods (a ``LightningModule`` wrapping the model included). A model with neither method
+    (a plain ``nn.Module``) has as head its last conv/linear layer in module order (``fc`` of a CNN, the last
+    ``Linear`` of an MLP).
+    """
+    by_id = {id(m): name for name, m in model.named_modules()}
+    heads: list[str] = []
+    has_api = False
+    for module in model.modules():
+        for attr in ("get_classifier", "get_output_embeddings"):
+            getter = getattr(module, attr, None)
+            if not callable(getter):
+                continue
+            has_api = True
+            found = getter()
+            for head in found if isinstance(found, (tuple, list)) else (found,):
+                if not isinstance(head, nn.Module):
+                    continue
+                for sub in head.modules():  # a head may be a block (timm's ClassifierHead holds its `fc`)
+                    name = by_id.get(id(sub))
+                    kind = layer_type(sub)
+                    if name is not None and kind in LAYER_TYPES and name not in heads:
+                        heads.append(name)
+    if has_api:
+        return heads
+    last = [name for name, m in model.named_modules() if layer_type(m) in LAYER_TYPES]
+    return last[-1:]

@@ -27,7 +27,8 @@ from typing_extensions import override
 
 from lightning_ft._internal.forward import model_loss
 from lightning_ft._internal.neurons import NeuronLayer
-from lightning_ft.backdoor.layers import check_layer_types, check_strategy, tsbd_layers
+from lightning_ft._internal.strategies import check_strategy
+from lightning_ft.backdoor.layers import check_layer_types, tsbd_layers
 
 __all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_", "clip_neuron_gradients_"]
 
@@ -233,7 +234,7 @@ class ActivenessAwareFineTuning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy, type(self).__name__)
+        check_strategy(trainer, type(self).__name__)
         if not self._loaded:  # a new fit starts afresh; a resumed fit's state is restored after setup
             self.steps = 0
         self._batch = None

@@ -22,9 +22,10 @@ from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
 from lightning_ft._internal.offline import OfflinePhase
+from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.functional import neuron_weight_changes, select_reinit_weights, zero_reinit_
-from lightning_ft.backdoor.layers import check_layer_types, check_strategy, tsbd_layers
+from lightning_ft.backdoor.layers import check_layer_types, tsbd_layers
 
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
 
@@ -208,7 +209,7 @@ class NeuronWeightChangeReinit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy, type(self).__name__)
+        check_strategy(trainer, type(self).__name__)
         # a new fit starts afresh (a reused instance runs stage 1 again); Lightning restores the state of a resumed
         # fit (ckpt_path) after setup, and a state loaded by hand before the fit is kept
         if not self._loaded:

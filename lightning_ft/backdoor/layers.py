@@ -9,48 +9,14 @@ after every other neuron layer (``SmallBNCNN.fc``, the last layer of an ``nn.Seq
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from torch import nn
 
-from lightning_ft._internal.neurons import LAYER_TYPES, NeuronLayer, find_neuron_layers, layer_type
+from lightning_ft._internal.neurons import LAYER_TYPES, NeuronLayer, classifier_heads, find_neuron_layers
 
-__all__ = ["AUTO_MIN_CONVS", "check_layer_types", "check_strategy", "classifier_heads", "tsbd_layers"]
+__all__ = ["AUTO_MIN_CONVS", "check_layer_types", "tsbd_layers"]
 
 AUTO_MIN_CONVS = 2  # layer_types=None picks the convolutions when the model has at least this many eligible ones
-
-
-def _head_modules(module: nn.Module) -> list[nn.Module]:
-    """The head(s) a timm or Hugging Face model declares, or []."""
-    heads: Any = None
-    timm_model = hasattr(module, "pretrained_cfg") or type(module).__module__.startswith("timm.")
-    if timm_model and callable(getattr(module, "get_classifier", None)):
-        heads = module.get_classifier()
-    elif hasattr(module, "config") and callable(getattr(module, "get_output_embeddings", None)):  # transformers
-        heads = module.get_output_embeddings()
-    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
-    return [h for h in heads if isinstance(h, nn.Module)]
-
-
-def classifier_heads(model: nn.Module) -> set[str]:
-    """Qualified names of the neuron layers that make up ``model``'s classifier head (see the module docstring)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    heads: set[str] = set()
-    for module in model.modules():
-        for head in _head_modules(module):
-            if id(head) in names:
-                prefix = names[id(head)]
-                heads.update(n for n, m in head.named_modules(prefix=prefix) if layer_type(m) in LAYER_TYPES)
-    if heads:
-        return heads
-    last: tuple[str, str] | None = None
-    for name, module in model.named_modules():
-        kind = layer_type(module)
-        if kind in LAYER_TYPES:
-            last = (name, kind)
-    if last is not None and last[1] in ("linear", "hf_conv1d"):
-        heads.add(last[0])
-    return heads
 
 
 def tsbd_layers(
@@ -68,12 +34,12 @@ def tsbd_layers(
             at least :data:`AUTO_MIN_CONVS` eligible ones (CNNs; the paper's choice), else the linear and
             ``transformers`` Conv1D layers (ViTs, language models, MLPs; a ViT's only conv is its patch embedding).
         include, exclude: regexes on layer names (:func:`~lightning_ft._internal.neurons.find_neuron_layers`).
-        exclude_head: leave the classifier head out (:func:`classifier_heads`).
+        exclude_head: leave the classifier head out (:func:`~lightning_ft._internal.neurons.classifier_heads`).
 
     Raises:
         ValueError: when no layer is eligible; the message says what the model has and what to pass.
     """
-    heads = classifier_heads(model) if exclude_head else set()
+    heads = set(classifier_heads(model)) if exclude_head else set()
 
     def find(types: Sequence[str], raise_if_empty: bool) -> list[NeuronLayer]:
         try:
@@ -113,21 +79,4 @@ def check_layer_types(layer_types: Sequence[str] | None) -> None:
     if isinstance(layer_types, str) or not layer_types or set(layer_types) - set(LAYER_TYPES):
         raise ValueError(
             f"`layer_types` must be None (auto) or a non-empty subset of {LAYER_TYPES}, got {layer_types!r}."
-        )
-
-
-def _unsupported_strategies() -> tuple[type, ...]:
-    import lightning.pytorch.strategies as strategies
-
-    names = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
-    return tuple(getattr(strategies, name) for name in names if hasattr(strategies, name))
-
-
-def check_strategy(strategy: object, owner: str) -> None:
-    """Raise a clear error when ``strategy`` shards the parameters (FSDP, DeepSpeed, model parallel): TSBD reads and
-    edits whole weights (stage 1 copies, unlearns and zeroes them; stage 2 perturbs and clips whole tensors)."""
-    if isinstance(strategy, _unsupported_strategies()):
-        raise ValueError(
-            f"{owner} does not support {type(strategy).__name__}: it reads and edits whole, unsharded weights, which"
-            " would be wrong on sharded parameters. Use strategy='ddp' (or a single device)."
         )

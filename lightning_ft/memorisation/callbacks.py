@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_ft._internal.distributed import gather_uneven, shard_indices
 from lightning_ft._internal.logging import log_scalars, log_table
 from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.memorisation.functional import Match, teacher_forced_accuracy, validate_ngram_sizes
 from lightning_ft.memorisation.generation import (
@@ -33,14 +34,6 @@ from lightning_ft.memorisation.probe import Probe, Split, build_probe
 __all__ = ["MemorisationEarlyStopping", "MemorisationMonitor", "find_causal_lm"]
 
 _KEYS = ("ngram", "exact", "token_acc")
-
-
-def _unsupported_strategies() -> tuple[type, ...]:
-    """Strategies that shard or compile the model: generating with the unwrapped module would be wrong there."""
-    import lightning.pytorch.strategies as strategies
-
-    names = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
-    return tuple(getattr(strategies, name) for name in names if hasattr(strategies, name))
 
 
 def find_causal_lm(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
@@ -237,11 +230,7 @@ class MemorisationMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, _unsupported_strategies()):
-            raise ValueError(
-                f"{type(self).__name__} generates with the unwrapped model and does not support"
-                f" {type(trainer.strategy).__name__}; use strategy='ddp' (or a single device)."
-            )
+        check_strategy(trainer, type(self).__name__, "generates with the unwrapped model")
         find_causal_lm(pl_module, self.model_attr)  # fail early on a module that cannot generate
         self._metric = MemorisationScore(self.ngram_sizes, self.match)
         # a reused instance starts like a fresh one; a checkpoint's state (ckpt_path) is loaded after setup

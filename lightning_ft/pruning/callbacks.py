@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from lightning_ft._internal.logging import log_histogram
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES
+from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
-from lightning_ft.pruning._strategy import check_strategy
 from lightning_ft.pruning.gates import (
     GATE_ATTR,
     GATE_TYPES,

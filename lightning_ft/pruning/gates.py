@@ -33,14 +33,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_ft._internal.neurons import GATE_LAYER_TYPES, LAYER_TYPES, NeuronLayer, find_neuron_layers, layer_type
+from lightning_ft._internal.neurons import (
+    GATE_LAYER_TYPES,
+    NeuronLayer,
+    classifier_heads,
+    find_neuron_layers,
+    layer_type,
+)
 
 __all__ = [
     "GATE_TYPES",
     "GatedLayer",
     "NeuronGate",
     "attach_gates",
-    "classifier_heads",
     "ensure_gate_hooks",
     "find_gates",
     "fold_gates_into_state_dict",
@@ -286,38 +291,6 @@ def make_permanent(model: nn.Module) -> dict[str, int]:
         pruned[g.name] = int((z == 0).sum())
     remove_gates(model)
     return pruned
-
-
-def classifier_heads(model: nn.Module) -> list[str]:
-    """Names of the classifier-head layers of ``model`` (conv, linear or ``transformers`` Conv1D modules).
-
-    The heads are what timm's ``get_classifier()`` and Hugging Face's ``get_output_embeddings()`` return, for every
-    submodule that has these methods (a ``LightningModule`` wrapping the model included). A model with neither method
-    (a plain ``nn.Module``) has as head its last conv/linear layer in module order (``fc`` of a CNN, the last
-    ``Linear`` of an MLP).
-    """
-    by_id = {id(m): name for name, m in model.named_modules()}
-    heads: list[str] = []
-    has_api = False
-    for module in model.modules():
-        for attr in ("get_classifier", "get_output_embeddings"):
-            getter = getattr(module, attr, None)
-            if not callable(getter):
-                continue
-            has_api = True
-            found = getter()
-            for head in found if isinstance(found, (tuple, list)) else (found,):
-                if not isinstance(head, nn.Module):
-                    continue
-                for sub in head.modules():  # a head may be a block (timm's ClassifierHead holds its `fc`)
-                    name = by_id.get(id(sub))
-                    kind = layer_type(sub)
-                    if name is not None and kind in LAYER_TYPES and name not in heads:
-                        heads.append(name)
-    if has_api:
-        return heads
-    last = [name for name, m in model.named_modules() if layer_type(m) in LAYER_TYPES]
-    return last[-1:]
 
 
 def _gate_prefixes(gated: Sequence[GatedLayer]) -> list[str]:

@@ -41,8 +41,8 @@ from lightning_ft._internal.forward import has_user_loss, logits_of, model_dtype
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers
 from lightning_ft._internal.offline import OfflinePhase
+from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
-from lightning_ft.pruning._strategy import check_strategy
 
 __all__ = ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
 
