@@ -181,7 +181,7 @@ class ActivenessAwareFineTuning(Callback):
         exclude_head: clip mode: never clip the classifier head's gradients.
 
     Raises:
-        ValueError: at train start with ``accumulate_grad_batches > 1`` in penalty mode (only the last micro-batch
+        ValueError: at setup with ``accumulate_grad_batches > 1`` in penalty mode (only the last micro-batch
             would be seen), manual optimisation, or several optimizers.
 
     Example::
@@ -235,6 +235,12 @@ class ActivenessAwareFineTuning(Callback):
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
+        if self.mode == "penalty" and trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "ActivenessAwareFineTuning(mode='penalty') recomputes the loss on the current batch only, so it does"
+                f" not support accumulate_grad_batches={trainer.accumulate_grad_batches}; use a larger batch or"
+                " mode='clip'."
+            )
         if not self._loaded:  # a new fit starts afresh; a resumed fit's state is restored after setup
             self.steps = 0
         self._batch = None
@@ -243,12 +249,6 @@ class ActivenessAwareFineTuning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "penalty" and trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "ActivenessAwareFineTuning(mode='penalty') recomputes the loss on the current batch only, so it does"
-                f" not support accumulate_grad_batches={trainer.accumulate_grad_batches}; use a larger batch or"
-                " mode='clip'."
-            )
         if not pl_module.automatic_optimization:
             raise ValueError("ActivenessAwareFineTuning needs automatic optimization (it hooks the optimizer step).")
         if len(trainer.optimizers) != 1:

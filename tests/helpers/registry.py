@@ -45,6 +45,11 @@ class Entry:
     kinds: tuple[str, ...] = ()
     # kind -> regex of the clear error the callback must raise at setup/train start for it (unsupported kinds)
     kind_errors: dict[str, str] = field(default_factory=dict)
+    # kind -> init kwargs replacing the entry's for that kind (e.g. the layers to gate on a ViT)
+    kind_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Trainer setting of the conformance suite ("bf16-true", "accumulate_grad_batches", ...) -> regex of the clear
+    # error the callback raises at setup for it (unsupported settings)
+    setting_errors: dict[str, str] = field(default_factory=dict)
     # the data module resumes mid-epoch by itself (otherwise the suite wraps it in MidEpochResumable)
     native_mid_epoch: bool = False
     # what a W&B run receives, as the method card promises: key -> "scalar" | "histogram" | "table" | "chart"
@@ -52,8 +57,8 @@ class Entry:
     # extra init kwargs for the W&B test (e.g. switch on an optional table)
     wandb_kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def make(self) -> pl.Callback:
-        return self.cls(**self.kwargs)
+    def make(self, kind: str | None = None) -> pl.Callback:
+        return self.cls(**{**self.kwargs, **self.kind_kwargs.get(kind or "", {})})
 
     def module_of_kind(self, kind: str) -> pl.LightningModule:
         factories = LM_KINDS if self.make_module is tiny_lm_module else CLASSIFIER_KINDS
@@ -99,7 +104,10 @@ REGISTRY: dict[str, Entry] = {
         make_data=small_digits_datamodule,
         yaml="activeness_aware_finetuning.yaml",
         monitor=("val_acc", "max"),
+        metric="backdoor/perturbed_loss",
         kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
+        # penalty mode recomputes the loss on the current micro-batch only (mode="clip" accumulates)
+        setting_errors={"accumulate_grad_batches": "accumulate_grad_batches=2"},
     ),
     "RehearsalFeedback": Entry(
         ft_callbacks.RehearsalFeedback,
@@ -139,6 +147,8 @@ REGISTRY: dict[str, Entry] = {
         yaml="learned_mask_pruning.yaml",
         monitor=("val_acc", "max"),
         metric="prune/sparsity",
+        # BatchNorm channels by default (conv nets); a ViT has none: its MLP and attention linears are gated
+        kind_kwargs={"timm_vit": {"layer_types": ["linear"]}},
         wandb_keys={"prune/sparsity": "scalar", "prune/target_sparsity": "scalar", "prune/gate_scores": "histogram"},
         kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
     ),
