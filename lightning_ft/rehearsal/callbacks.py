@@ -10,11 +10,13 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_bar_chart, log_scalars
+from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting, Level
 from lightning_ft.rehearsal.functional import Normalize
@@ -39,6 +41,19 @@ class _ReplayTransformed(Dataset):
         if isinstance(sample, (tuple, list)) and sample:
             return type(sample)([self.transform(sample[0]), *sample[1:]])
         return self.transform(sample)
+
+
+class _RehearsalLoader(DataLoader):
+    """The mixed-batch loader of :class:`RehearsalDataModule`. It is stateful for Lightning (``state_dict`` /
+    ``load_state_dict``), which marks it as resumable mid-epoch: the sampler's position is saved and restored by the
+    data module's own state, which also serves epoch-end checkpoints (Lightning restores loader states only when it
+    restarts an unfinished epoch)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to do: :meth:`RehearsalDataModule.load_state_dict` restores the sampler."""
 
 
 def num_tokens(sample: Any) -> int:
@@ -80,6 +95,14 @@ def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
     return max(1, min(totals)), max(1, per_epoch)
 
 
+def _consumed_batches(trainer: pl.Trainer | None) -> int | None:
+    """The batches of the current epoch whose training step has started (Lightning's own count, also during a
+    validation inside the epoch; after a mid-epoch resume it continues from the checkpoint's). None outside a fit."""
+    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+        return None
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
 class RehearsalDataModule(pl.LightningDataModule):
     """Wraps a fine-tuning data module and a rehearsal pool into mixed batches drawn by a
     :class:`~lightning_ft.rehearsal.CollateralDamageSampler`.
@@ -89,9 +112,17 @@ class RehearsalDataModule(pl.LightningDataModule):
     return them to :class:`RehearsalFeedback`. Validation, test and predict data come from the wrapped module.
 
     The pool's reference statistics (the starting model's loss and correctness on it) are computed at the start of
-    the fit from the module being trained, unless given, and saved in checkpoints (a resumed fit reuses them rather
-    than recomputing them from the resumed weights). Under DDP, use ``Trainer(use_distributed_sampler=False)``:
-    the sampler shards the fine-tuning data itself.
+    the fit from the module being trained (under the Trainer's precision), unless given, and saved in checkpoints (a
+    resumed fit reuses them rather than recomputing them from the resumed weights). Under DDP, use
+    ``Trainer(use_distributed_sampler=False)``: the sampler shards the fine-tuning data itself.
+
+    The sampler is built once per fit and kept when Lightning reloads the training data
+    (``reload_dataloaders_every_n_epochs``), so mix-cd's rates carry on. Its state (epoch, position in the epoch,
+    rates, counts, generator) is saved in checkpoints: a fit resumed from a mid-epoch checkpoint continues with the
+    next batch of the interrupted epoch, as the uninterrupted fit would. A second ``fit`` with the same data module
+    starts afresh (a new sampler; statistics it computed are computed again from the new starting model) unless it
+    resumes from a checkpoint. FSDP, DeepSpeed and model-parallel strategies are refused at ``setup`` when the pool
+    statistics are to be computed (a pass of the unwrapped module): pass ``pool_statistics`` there.
 
     Args:
         datamodule: the user's fine-tuning data module (its ``train_dataloader`` gives the dataset, batch size and
@@ -163,7 +194,11 @@ class RehearsalDataModule(pl.LightningDataModule):
             "seed": seed,
         }
         self.pool_statistics, self.task, self.statistics_batch_size = pool_statistics, task, statistics_batch_size
+        self._given_statistics = pool_statistics is not None
         self.sampler: CollateralDamageSampler | None = None
+        self._sampler_key: tuple[Any, ...] | None = None  # what the sampler was built for (a reload may change it)
+        self._sampler_state: dict[str, Any] | None = None  # from a checkpoint, for the sampler of the resumed fit
+        self.restored_sampler = False  # this fit's sampler continues a checkpoint's (RehearsalFeedback reads it)
         self._lengths: dict[str, list[int]] | None = None
         # the wrapped module's own evaluation loaders, bound as they are: Lightning runs a loop only for the loaders
         # a data module overrides, and sees the wrapped module's (non-)overrides through these
@@ -177,19 +212,35 @@ class RehearsalDataModule(pl.LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if stage == "fit":  # a new fit: a new sampler and, unless given, new statistics (a checkpoint restores both)
+            if not self._given_statistics:
+                if self.trainer is not None:
+                    check_strategy(
+                        self.trainer,
+                        "RehearsalDataModule",
+                        "computes the pool statistics with a forward pass of the unwrapped module (pass precomputed"
+                        " `pool_statistics` to use it under a sharded strategy)",
+                    )
+                self.pool_statistics = None
+            self.sampler, self._sampler_key, self._sampler_state, self.restored_sampler = None, None, None, False
         self.datamodule.trainer = self.trainer
         self.datamodule.setup(stage)
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
         # the pool statistics of the *starting* model: a resumed fit must not recompute them from resumed weights
-        if self.pool_statistics is None:
-            return {}
-        return {
-            "pool_loss": self.pool_statistics.loss,
-            "pool_correct": self.pool_statistics.correct,
-            "pool_ids": self.pool_statistics.sample_ids,
-        }
+        if self.pool_statistics is not None:
+            state.update(
+                pool_loss=self.pool_statistics.loss,
+                pool_correct=self.pool_statistics.correct,
+                pool_ids=self.pool_statistics.sample_ids,
+            )
+        if self.sampler is not None:  # with the position in the epoch: a mid-epoch resume continues from there
+            state["sampler"] = self.sampler.state_dict(consumed=_consumed_batches(self.trainer))
+        elif self._sampler_state is not None:
+            state["sampler"] = self._sampler_state
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -197,6 +248,7 @@ class RehearsalDataModule(pl.LightningDataModule):
             self.pool_statistics = ReferenceStatistics(
                 state_dict["pool_ids"], state_dict["pool_loss"], state_dict["pool_correct"]
             )
+        self._sampler_state = state_dict.get("sampler")
 
     def _statistics(self, collate_fn: Any) -> ReferenceStatistics:
         if self.pool_statistics is not None:
@@ -205,7 +257,13 @@ class RehearsalDataModule(pl.LightningDataModule):
         if module is None:
             raise ValueError("RehearsalDataModule computes the pool statistics from the model being fitted: fit it.")
         loader = DataLoader(WithSampleIds(self.pool), batch_size=self.statistics_batch_size, collate_fn=collate_fn)
-        self.pool_statistics = ReferenceStatistics.compute(module, loader, task=self.task)  # type: ignore[arg-type]
+        self.pool_statistics = ReferenceStatistics.compute(
+            module,  # type: ignore[arg-type]
+            loader,
+            task=self.task,
+            trainer=self.trainer,
+            desc="rehearsal pool statistics",
+        )
         return self.pool_statistics
 
     @override
@@ -233,30 +291,39 @@ class RehearsalDataModule(pl.LightningDataModule):
             schedule_batches, epoch_batches = _schedule_batches(trainer, per_epoch)
         lengths: dict[str, list[int]] = {}
         if self.sampler_kwargs["budget"] == "tokens":
-            if self._lengths is None:  # once: datasets are not re-tokenised between epochs
+            if self._lengths is None or len(self._lengths["finetune_lengths"]) != n:  # once per fine-tuning set
                 self._lengths = {
                     "finetune_lengths": [num_tokens(finetune[i]) for i in range(n)],
                     "pool_lengths": [num_tokens(self.pool[i]) for i in range(len(self.pool))],  # type: ignore[arg-type]
                 }
             lengths = self._lengths
         stats = self._statistics(inner.collate_fn)
-        pos = stats.positions(torch.arange(len(self.pool)))  # type: ignore[arg-type]
-        self.sampler = CollateralDamageSampler(
-            n,
-            stats.loss[pos],
-            stats.correct[pos],
-            batch_size=inner.batch_size,
-            drop_last=inner.drop_last,
-            rank=rank,
-            world_size=world_size,
-            schedule_batches=schedule_batches,
-            epoch_batches=epoch_batches,
-            **lengths,
-            **self.sampler_kwargs,
-        )
+        key = (n, inner.batch_size, inner.drop_last, rank, world_size, schedule_batches, epoch_batches)
+        if self.sampler is None or key != self._sampler_key:  # once per fit; again only if the data changed
+            previous = self.sampler
+            pos = stats.positions(torch.arange(len(self.pool)))  # type: ignore[arg-type]
+            self.sampler = CollateralDamageSampler(
+                n,
+                stats.loss[pos],
+                stats.correct[pos],
+                batch_size=inner.batch_size,
+                drop_last=inner.drop_last,
+                rank=rank,
+                world_size=world_size,
+                schedule_batches=schedule_batches,
+                epoch_batches=epoch_batches,
+                **lengths,
+                **self.sampler_kwargs,
+            )
+            self._sampler_key = key
+            if previous is not None:  # reloaded with other fine-tuning data: the rates, counts and stream carry on
+                self.sampler.load_state_dict({**previous.state_dict(), "position": 0, "replay": None})
+            elif self._sampler_state is not None:  # resumed: continue the checkpoint's epoch where it stopped
+                self.sampler.load_state_dict(self._sampler_state)
+                self._sampler_state, self.restored_sampler = None, True
         pool = self.pool if self.replay_transform is None else _ReplayTransformed(self.pool, self.replay_transform)
         data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(pool, offset=n)])
-        return DataLoader(
+        return _RehearsalLoader(
             data,
             batch_sampler=self.sampler,
             collate_fn=inner.collate_fn,
@@ -275,10 +342,15 @@ class RehearsalFeedback(Callback):
     model got it right and the current one does not. Under DDP the flags are all-gathered, so every rank's sampler
     holds the same rates.
 
-    Logs ``rehearsal/cd_hit_rate`` (share of this step's rehearsed samples that were forgotten), ``rehearsal/
-    replay_loss`` (their mean loss, when given) every ``log_every_n_steps``, and the per-bin rates
-    ``rehearsal/alpha_<k>`` at epoch ends (and as a bar chart ``rehearsal/alpha_by_bin`` on W&B, a table on
-    TensorBoard). The sampler's state (rates, counts, generator) is checkpointed here.
+    Logs (``pl_module.log``, so they reach ``trainer.callback_metrics`` and can be monitored) ``rehearsal/cd_hit_rate``
+    (share of this step's rehearsed samples that were forgotten) and ``rehearsal/replay_loss`` (their mean loss, when
+    given) every ``log_every_n_steps`` (the loggers receive them at the Trainer's own ``log_every_n_steps``), and at
+    epoch ends the per-bin rates ``rehearsal/alpha_<k>`` and ``rehearsal/cd_hit_rate_total`` (and a bar chart
+    ``rehearsal/alpha_by_bin`` on W&B, a table on TensorBoard). The sampler's state (position in the epoch, rates,
+    counts, generator) is checkpointed by the :class:`RehearsalDataModule` that owns it, or here for a sampler in your
+    own DataLoader; either way a fit resumed mid-epoch continues with the next batch. A second ``fit`` with the same
+    instance starts afresh unless it resumes from a checkpoint. FSDP, DeepSpeed and model-parallel strategies are
+    refused at ``setup``.
 
     Args:
         log_every_n_steps: logging cadence of the per-step values.
@@ -298,8 +370,10 @@ class RehearsalFeedback(Callback):
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"`log_every_n_steps` must be an integer >= 1, got {log_every_n_steps!r}.")
         self.log_every_n_steps = log_every_n_steps
-        self._pending: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, until the sampler exists
         self._sampler: CollateralDamageSampler | None = None
+        self._owned = False  # the sampler belongs to a RehearsalDataModule, which checkpoints it
+        self._consumed = 0  # batches of the current epoch reported so far
 
     def _find_sampler(self, trainer: pl.Trainer) -> CollateralDamageSampler:
         loader = trainer.train_dataloader
@@ -311,21 +385,44 @@ class RehearsalFeedback(Callback):
             )
         return sampler
 
+    def _attach(self, trainer: pl.Trainer) -> CollateralDamageSampler:
+        """The fit's sampler (a reload may bring a new loader), restored from the checkpoint's state once, unless
+        its RehearsalDataModule owns it (the data module checkpoints and restores it, mid-epoch position included)."""
+        sampler = self._find_sampler(trainer)
+        data = trainer.datamodule
+        self._owned = isinstance(data, RehearsalDataModule) and data.sampler is sampler
+        state = None if self._pending is None else self._pending.get("sampler")
+        if state is not None and not (self._owned and data.restored_sampler):  # type: ignore[union-attr]
+            sampler.load_state_dict(state)  # your own loader, or a checkpoint of an older version
+        self._pending = None
+        self._sampler = sampler
+        return sampler
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(
+            trainer, "RehearsalFeedback", "feeds a sampler whose pool statistics come from the unwrapped module"
+        )
+        if stage == "fit":  # a new fit starts afresh; a checkpoint (restored after setup) brings its state back
+            self._pending, self._sampler, self._owned, self._consumed = None, None, False, 0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # also the first hook of a fit resumed mid-epoch (Lightning skips that epoch's on_train_epoch_start)
+        self._attach(trainer)
+
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sampler = self._find_sampler(trainer)
-        if self._pending is not None:  # resumed: restore the rates, counts and generator
-            sampler.load_state_dict(self._pending)
-            self._pending = None
+        sampler = self._attach(trainer)
         sampler.set_epoch(trainer.current_epoch)  # Lightning only sets the epoch on samplers, not batch samplers
-        self._sampler = sampler
+        self._consumed = 0
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        sampler = self._sampler
-        assert sampler is not None
+        sampler = self._sampler if self._sampler is not None else self._attach(trainer)
+        self._consumed = batch_idx + 1
         per_sample = outputs.get("per_sample") if isinstance(outputs, dict) else None
         if not isinstance(per_sample, dict) or "sample_id" not in per_sample or "correct" not in per_sample:
             raise ValueError(
@@ -360,29 +457,35 @@ class RehearsalFeedback(Callback):
         positions = ids_np[replay] - sampler.num_finetune
         forgot = sampler.forgotten(positions, correct.cpu().numpy().astype(bool, copy=False)[replay])
         sampler.update(positions, forgot)
-        if log and positions.size:
-            metrics = {"rehearsal/cd_hit_rate": float(forgot.mean())}
+        if log and positions.size:  # all-gathered: the same value on every rank, no sync needed
+            pl_module.log("rehearsal/cd_hit_rate", float(forgot.mean()), on_step=True, on_epoch=False)
             if losses is not None:
-                metrics["rehearsal/replay_loss"] = float(losses.float().cpu().numpy()[replay].mean())
-            log_scalars(trainer, metrics)
+                replay_loss = float(losses.float().cpu().numpy()[replay].mean())
+                pl_module.log("rehearsal/replay_loss", replay_loss, on_step=True, on_epoch=False)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sampler is not None and self._sampler.strategy == "mixcd":
             rates = [float(a) for a in self._sampler.alpha]
-            alphas = {f"rehearsal/alpha_{k}": a for k, a in enumerate(rates)}
-            log_scalars(trainer, {**alphas, "rehearsal/cd_hit_rate_total": self._sampler.hit_rate})
+            metrics = {f"rehearsal/alpha_{k}": a for k, a in enumerate(rates)}
+            metrics["rehearsal/cd_hit_rate_total"] = self._sampler.hit_rate
+            # the same on every rank (all-gathered feedback); sync_dist only spares DDP's warning, it changes nothing
+            sync = trainer.world_size > 1
+            for key, value in metrics.items():
+                pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
             log_bar_chart(trainer, "rehearsal/alpha_by_bin", [f"bin {k}" for k in range(len(rates))], rates)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self._sampler is not None:
-            return {"sampler": self._sampler.state_dict()}
-        return {"sampler": self._pending}
+        if self._sampler is None:
+            return {} if self._pending is None else dict(self._pending)
+        if self._owned:  # one copy per checkpoint: the RehearsalDataModule's
+            return {"sampler_saved_by": "RehearsalDataModule"}
+        return {"sampler": self._sampler.state_dict(consumed=self._consumed)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("sampler")
+        self._pending = dict(state_dict)
 
 
 class FLOWReweighting(Callback):
@@ -393,9 +496,13 @@ class FLOWReweighting(Callback):
     The module must use :class:`~lightning_ft.rehearsal.FLOWWeightedLoss` (``self.flow_loss(losses, ids)`` or
     ``self.flow_token_loss(...)`` in ``training_step``) and its training samples must carry ids
     (:class:`~lightning_ft.rehearsal.WithSampleIds`). The pass reads the training DataLoader's dataset in order
-    (under DDP each rank reads its shard and the results are all-gathered, so every rank holds the same weights) and
-    logs ``flow/tau`` and ``flow/mean_weight``. The statistics are checkpointed: a resumed fit reuses them rather than
-    recomputing them from resumed weights.
+    (under DDP each rank reads its shard and the results are all-gathered, so every rank holds the same weights),
+    under the Trainer's precision (bf16 autocast, or inputs cast to the weights' dtype under ``"bf16-true"``), with a
+    progress bar when the Trainer has one, and logs ``flow/tau`` and ``flow/mean_weight`` (also to
+    ``trainer.callback_metrics``). The forward output may be logits, a mapping with ``"logits"`` or an HF
+    ``ModelOutput``. The statistics are checkpointed: a resumed fit reuses them rather than recomputing them from
+    resumed weights; a new fit with the same instance computes them afresh. FSDP, DeepSpeed and model-parallel
+    strategies are refused at ``setup`` (the pass runs the unwrapped module).
 
     Args:
         tau, level, normalize: see :class:`~lightning_ft.rehearsal.FLOWWeighting` (``tau`` None: the median
@@ -440,13 +547,12 @@ class FLOWReweighting(Callback):
         check_int("batch_size", batch_size, allow_none=True)
         self.tau, self.level, self.normalize, self.task, self.batch_size = tau, level, normalize, task, batch_size
         self.statistics: ReferenceStatistics | None = None
-        self._restored = False  # statistics from a checkpoint: keep them for this fit
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._restored:  # a new fit with this instance: its own starting model and data
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "FLOWReweighting", "runs its reference pass through the unwrapped module")
+        if stage == "fit":  # a new fit: its own starting model and data (a checkpoint, restored after setup, keeps its)
             self.statistics = None
-        self._restored = False
 
     def _loader(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -482,7 +588,8 @@ class FLOWReweighting(Callback):
                 self._loader(trainer),
                 task=self.task,
                 store_token_nll=self.level == "token",
-                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+                trainer=trainer,
+                desc="FLOW reference statistics",
             )
         weighting = FLOWWeighting(self.statistics, self.tau, self.level, self.normalize)
         pl_module.flow_weighting = weighting
@@ -502,4 +609,3 @@ class FLOWReweighting(Callback):
             self.statistics = ReferenceStatistics(
                 state_dict["sample_ids"], state_dict["loss"], state_dict["correct"], state_dict.get("token_nll")
             )
-            self._restored = True

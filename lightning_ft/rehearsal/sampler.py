@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -28,6 +29,9 @@ __all__ = ["STRATEGIES", "CollateralDamageSampler"]
 Strategy = Literal["mixcd", "random", "random_prior_correct", "loss_priority"]
 Budget = Literal["samples", "tokens"]
 STRATEGIES: tuple[str, ...] = ("mixcd", "random", "random_prior_correct", "loss_priority")
+
+# batches a data loader may draw ahead of the training (its workers' prefetch) that a checkpoint can still reproduce
+_HISTORY = 64
 
 
 def _unit_interval(name: str, value: float, closed_right: bool = False) -> None:
@@ -91,7 +95,10 @@ class CollateralDamageSampler(Sampler[list[int]]):
     does, so every rank runs the same number of steps) and sharded ``rank::world_size``; the replay stream is shared
     (each rank keeps its slice of every step's draws), and feeding every rank the same all-gathered updates keeps
     ``alpha`` (hence ``pi``) and the whole sampler state identical across ranks. ``state_dict`` holds the epoch, the
-    rates, the counts and the generator state, so a sampler restored at an epoch boundary draws the same stream.
+    position in it, the rates, the counts and the generator state, so a restored sampler continues the same stream,
+    from the next batch of the interrupted epoch when saved mid-epoch: ``state_dict(consumed=k)`` when a data loader
+    has drawn batches ahead of the training (worker prefetch), so that the drawn but untrained ones are drawn again
+    (from the generator state and the draw probabilities they were drawn with) on every rank.
 
     Args:
         num_finetune: size of the fine-tuning dataset (the first part of the concatenation).
@@ -216,6 +223,11 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.forgot = torch.zeros(self.num_bins, dtype=torch.long)  # ... of which forgotten
         self._probabilities: Tensor | None = None  # pi, cached until the next update
         self.epoch = 0
+        self._position = 0  # batches of this epoch the current iterator has yielded (the index of its next batch)
+        # (batch index, generator state, cursor, pi) before each recent draw: what a checkpoint needs to draw again
+        # the batches a loader prefetched but the training has not used yet
+        self._history: deque[tuple[int, Tensor, int, Tensor | None]] = deque(maxlen=_HISTORY)
+        self._resume: dict[str, Any] | None = None  # a mid-epoch start from load_state_dict, for the next __iter__
         self._cursor = 0  # loss_priority position
         # one stream on every rank: each step draws world_size * replay samples and a rank keeps its own slice, so the
         # ranks rehearse different samples while their sampler states stay identical
@@ -465,7 +477,12 @@ class CollateralDamageSampler(Sampler[list[int]]):
         return order
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at every epoch start; the fine-tuning order depends on it."""
+        """Lightning calls this at every epoch start; the fine-tuning order depends on it. A new epoch starts at its
+        first batch; the same epoch again (a fit resumed mid-epoch) keeps a restored position."""
+        if int(epoch) != self.epoch:
+            self._resume = None
+            self._position = 0
+            self._history.clear()
         self.epoch = int(epoch)
 
     @staticmethod
@@ -478,6 +495,15 @@ class CollateralDamageSampler(Sampler[list[int]]):
         return self.num_batches(self.num_finetune, self.batch_size, self.world_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
+        resume, self._resume = self._resume, None  # a resumed position serves one iterator; the next starts at 0
+        first = 0 if resume is None else int(resume["position"])
+        replay = None if resume is None else resume.get("replay")
+        drawn_again = 0 if replay is None else len(replay["pi"])
+        if replay is not None:  # draw the batches a loader had prefetched past the checkpoint again, as they were
+            self._generator.set_state(replay["generator"])
+            self._cursor = int(replay["cursor"])
+        self._history.clear()
+        self._position = first
         order, b = self._order(), self.batch_size
         start = self.epoch * (self.epoch_batches or len(self))  # the fit's batches before this epoch
         shard = order[self.rank :: self.world_size]
@@ -486,41 +512,80 @@ class CollateralDamageSampler(Sampler[list[int]]):
         tokens = (
             None if self._finetune_lengths is None else self._finetune_lengths[order.reshape(-1, self.world_size).T]
         )
-        for i in range(len(self)):
+        for i in range(first, len(self)):
+            if i - first < drawn_again:
+                self._probabilities = replay["pi"][i - first]  # type: ignore[index]
+            pi = None if self.strategy == "loss_priority" else self._pi()
+            self._history.append((i, self._generator.get_state(), self._cursor, pi))
             finetune = shard[i * b : (i + 1) * b]
             if tokens is None:
-                replay = self._draw(self.replay_count(start + i))
+                replay_positions = self._draw(self.replay_count(start + i))
             else:
                 share = self.replay_share(start + i)
                 budgets = np.rint(tokens[:, i * b : (i + 1) * b].sum(1) * share / (1.0 - share)).astype(np.int64)
-                replay = self._draw_tokens(budgets)
-            yield np.concatenate([finetune, replay + self.num_finetune]).tolist()
+                replay_positions = self._draw_tokens(budgets)
+            if i - first < drawn_again:
+                self._probabilities = None  # back to the current rates
+            self._position = i + 1
+            yield np.concatenate([finetune, replay_positions + self.num_finetune]).tolist()
 
     def is_replay(self, indices: Tensor) -> Tensor:
         """Which concatenated-dataset indices come from the pool."""
         return torch.as_tensor(indices) >= self.num_finetune
 
     # ------------------------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The sampler's state: epoch, position in it, rates, counts, generator.
+
+        Args:
+            consumed: batches of the current epoch the training has used; the batches drawn after them (a loader's
+                prefetch) are drawn again, identically, by a sampler restored from this state. None: every batch
+                drawn so far (no prefetch; a loader with ``num_workers=0``).
+        """
+        state: dict[str, Any] = {
             "epoch": self.epoch,
+            "position": self._position,
+            "replay": None,
             "alpha": self.alpha.clone(),
             "seen": self.seen.clone(),
             "forgot": self.forgot.clone(),
             "cursor": self._cursor,
             "generator": self._generator.get_state(),
         }
+        if self._resume is not None:  # restored, not iterated yet: the restored position
+            return {**state, "position": self._resume["position"], "replay": self._resume.get("replay")}
+        position = self._position if consumed is None else max(0, min(int(consumed), self._position))
+        if position < self._position:
+            pending = [entry for entry in self._history if entry[0] >= position]
+            if not pending or pending[0][0] != position:
+                raise RuntimeError(
+                    f"the data loader drew {self._position - position} batches ahead of the training, more than the"
+                    f" {_HISTORY} the sampler can draw again after a resume: use fewer workers or a smaller"
+                    " prefetch_factor."
+                )
+            _, generator, cursor, _ = pending[0]
+            pis = [entry[3] for entry in pending]
+            state.update(position=position, replay={"generator": generator, "cursor": cursor, "pi": pis})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the next iterator continues the saved epoch from its position (a state saved
+        at the end of an epoch continues with the next epoch)."""
         if state["alpha"].shape != self.alpha.shape:
             raise ValueError(
                 f"the saved sampler has {state['alpha'].numel()} bins, this one {self.alpha.numel()}: build it with"
                 " the same pool and arguments."
             )
-        self.epoch = int(state["epoch"])
+        epoch, position, replay = int(state["epoch"]), int(state.get("position", 0)), state.get("replay")
+        if position >= (self.epoch_batches or len(self)):  # the saved epoch was finished: the next one
+            epoch, position, replay = epoch + 1, 0, None
+        self.epoch = epoch
         self.alpha.copy_(state["alpha"])  # in place: the NumPy views follow
         self.seen.copy_(state["seen"])
         self.forgot.copy_(state["forgot"])
         self._probabilities = None
         self._cursor = int(state["cursor"])
         self._generator.set_state(state["generator"])
+        self._history.clear()
+        self._position = position
+        self._resume = {"position": position, "replay": replay} if position or replay else None

@@ -7,10 +7,11 @@ regulariser can reuse the per-token values. Sample ids must be stable across run
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -18,8 +19,13 @@ from torch.utils.data import Dataset
 
 from lightning_ft._internal.batches import inputs_and_labels
 from lightning_ft._internal.distributed import all_gather_rows
+from lightning_ft._internal.forward import model_logits
 from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.offline import show_progress
 from lightning_ft.rehearsal.functional import causal_lm_correct, sequence_nll
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 __all__ = ["ReferenceStatistics", "WithSampleIds", "batch_sample_ids"]
 
@@ -77,10 +83,6 @@ def batch_sample_ids(batch: Any, key: str = "sample_id") -> Tensor:
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1:
         raise ValueError(f"sample ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}.")
     return ids.long()
-
-
-def _logits(output: Any) -> Tensor:
-    return output.logits if hasattr(output, "logits") else output
 
 
 @dataclass
@@ -143,7 +145,9 @@ class ReferenceStatistics:
         store_token_nll: bool = False,
         lm_correct_threshold: float = 0.5,
         correct_fn: Callable[[Tensor, Any], Tensor] | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
+        trainer: pl.Trainer | None = None,
+        desc: str = "reference statistics",
     ) -> ReferenceStatistics:
         """One no-grad, eval-mode pass of ``model`` over ``dataloader``.
 
@@ -152,6 +156,10 @@ class ReferenceStatistics:
         ``labels`` (default: ``input_ids``) and ``id_key`` (causal LMs). Under ``torch.distributed`` each rank passes
         its own shard (e.g. a ``DistributedSampler`` loader); the results are all-gathered, and repeated ids (the
         sampler's padding) are kept once, so every rank returns the same statistics.
+
+        The forward output may be logits, a mapping with ``"logits"``, an HF ``ModelOutput`` or a tuple starting with
+        the logits; mapping inputs are passed as keyword arguments and floating inputs are cast to the model's dtype
+        and device (a ``bf16-true`` model gets bf16 inputs). Losses are computed in float32.
 
         Args:
             model: the frozen starting model (its train/eval flags are restored afterwards).
@@ -163,7 +171,10 @@ class ReferenceStatistics:
             lm_correct_threshold: a causal-LM sample is "correct" when its greedy next-token accuracy over
                 supervised tokens reaches this (reconstruction; mix-cd's predicate for generative tasks is unknown).
             correct_fn: overrides correctness: ``correct_fn(logits, batch) -> (B,) bool``.
-            progress: a progress bar over batches.
+            progress: a progress bar over batches; None: when ``trainer`` shows one (rank 0), else none.
+            trainer: the fit's Trainer, when the pass runs inside a fit: its precision context (autocast under
+                ``bf16-mixed``) wraps the forward passes and its progress-bar setting is followed.
+            desc: the progress bar's label.
         """
         if task not in ("classification", "causal_lm"):
             raise ValueError(f'`task` must be "classification" or "causal_lm", got {task!r}.')
@@ -172,11 +183,12 @@ class ReferenceStatistics:
         device = next(model.parameters()).device
         ids_, losses, corrects, tokens = [], [], [], []
         batches: Iterable[Any] = dataloader
-        if progress:
+        if show_progress(trainer, progress):
             from tqdm.auto import tqdm
 
-            batches = tqdm(dataloader, desc="reference statistics", unit="batch", leave=False)
-        with eval_mode(model):
+            batches = tqdm(dataloader, desc=desc, unit="batch", leave=False)
+        precision = contextlib.nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
+        with eval_mode(model), precision:
             for batch in batches:
                 ids_.append(batch_sample_ids(batch, id_key))
                 if task == "classification":
@@ -185,16 +197,14 @@ class ReferenceStatistics:
                             "classification batches must be (inputs, labels, ids) tuples or mappings with an id entry."
                         )
                     x, y = inputs_and_labels(batch)
-                    logits = _logits(model(x.to(device))).float()
-                    y = y.to(device)
+                    logits = model_logits(model, x).float()
+                    y = y.to(logits.device)
                     losses.append(nn.functional.cross_entropy(logits, y, reduction="none").cpu())
                     correct = (logits.argmax(-1) == y) if correct_fn is None else correct_fn(logits, batch)
                 else:
-                    input_ids = batch["input_ids"].to(device)
                     labels = batch.get("labels", batch["input_ids"]).to(device)
-                    mask = batch.get("attention_mask")
-                    mask = None if mask is None else mask.to(device)
-                    logits = _logits(model(input_ids=input_ids, attention_mask=mask))
+                    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+                    logits = model_logits(model, inputs).float()
                     per_sample, token_nll, supervised = sequence_nll(logits, labels, ignore_index)
                     losses.append(per_sample.cpu())
                     if correct_fn is None:

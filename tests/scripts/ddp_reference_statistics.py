@@ -67,15 +67,8 @@ def loader(dataset, fabric: Fabric, batch_size: int) -> tuple[DataLoader, list[i
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler), [OFFSET + i for i in sampler]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    fabric = Fabric(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")
-    fabric.launch()
-
+def run(fabric: Fabric, out: Path) -> None:
+    """Every rank's statistics of both models over its shards, dumped to ``out``."""
     cls_data, lm_data = datasets()
     classifier, lm = models()
     cls_loader, cls_shard = loader(cls_data, fabric, batch_size=16)
@@ -93,8 +86,23 @@ def main() -> None:
         "cls": as_json(cls_stats),
         "lm": as_json(lm_stats),
     }
-    (args.out / f"rank{fabric.global_rank}.json").write_text(json.dumps(result))
+    (out / f"rank{fabric.global_rank}.json").write_text(json.dumps(result))
     fabric.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    fabric = Fabric(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto")
+    fabric.launch()
+    try:
+        run(fabric, args.out)
+    finally:  # a process group left to the interpreter's exit can abort it ("terminate called ...", rc -6)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

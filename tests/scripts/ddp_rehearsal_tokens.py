@@ -65,7 +65,11 @@ def main() -> None:
         strategy="ddp" if args.devices > 1 else "auto",
         use_distributed_sampler=False,
     )
-    trainer.fit(module, data)
+    try:
+        trainer.fit(module, data)
+    finally:  # a process group left to the interpreter's exit can abort it ("terminate called ...", rc -6)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
