@@ -237,3 +237,13 @@ def test_the_callbacks_metric_can_be_monitored(name, tmp_path: Path):
     trainer, _ = _fit(entry, [entry.make(), checkpoint], enable_checkpointing=True)
     assert entry.metric in trainer.callback_metrics
     assert checkpoint.best_model_path, f"ModelCheckpoint could not monitor {entry.metric}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_progress_bar_when_the_trainer_has_none(name, capfd):
+    """Offline phases (unlearning, statistics passes, probes, mask recovery) draw no bar with
+    ``enable_progress_bar=False``."""
+    entry = REGISTRY[name]
+    _fit(entry, [entry.make()], max_epochs=1)
+    err = capfd.readouterr().err
+    assert "%|" not in err, f"{name} drew a progress bar: {err[-500:]}"

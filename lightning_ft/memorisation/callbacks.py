@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_ft._internal.distributed import gather_uneven, shard_indices
 from lightning_ft._internal.logging import log_scalars, log_table
 from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.offline import show_progress
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.memorisation.functional import Match, teacher_forced_accuracy, validate_ngram_sizes
@@ -104,7 +105,8 @@ class MemorisationMonitor(Callback):
         ignore_index: label value of unsupervised (prompt) positions.
         short_samples: ``"error"`` (default) or ``"skip"`` for samples too short for the split.
         log_examples: rows in the table of most-memorised samples (0 disables it).
-        progress_bar: show a progress bar over the probe batches on rank 0 during each check (long probes).
+        progress_bar: a progress bar over the probe batches on rank 0 during each check; None (default) follows the
+            Trainer's ``enable_progress_bar``.
         tf_every_n_steps: also log ``mem/tf_acc``, the teacher-forced proxy (one forward pass over prompt + true
             suffix instead of ``suffix_len`` decode steps), every n optimizer steps (None: off). Cheap and dense, but
             not greedy extraction: a greedily extracted sample has ``tf_acc = 1``, not the converse.
@@ -137,7 +139,7 @@ class MemorisationMonitor(Callback):
         ignore_index: int = -100,
         short_samples: Literal["error", "skip"] = "error",
         log_examples: int = 8,
-        progress_bar: bool = False,
+        progress_bar: bool | None = None,
         tf_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
@@ -350,7 +352,7 @@ class MemorisationMonitor(Callback):
                     self.probe.prefix_batch(rows),
                     self.suffix_len,
                     batch_size=self.batch_size,
-                    progress=self.progress_bar and trainer.is_global_zero,
+                    progress=show_progress(trainer, self.progress_bar),
                 )
             metric.update(generated, self.probe.suffixes[rows].to(generated.device))
             assert metric.last_scores is not None
@@ -561,7 +563,7 @@ class MemorisationEarlyStopping(MemorisationMonitor):
         ignore_index: int = -100,
         short_samples: Literal["error", "skip"] = "error",
         log_examples: int = 8,
-        progress_bar: bool = False,
+        progress_bar: bool | None = None,
         tf_every_n_steps: int | None = None,
         dirpath: str | None = None,
     ) -> None:

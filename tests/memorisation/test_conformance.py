@@ -297,3 +297,13 @@ def test_monitor_finds_and_probes_a_peft_lora_model():
     monitor = MemorisationMonitor(**PROBE)
     quiet_trainer(max_epochs=1, callbacks=[monitor], limit_val_batches=0).fit(module, pydoc_datamodule())
     assert [h["step"] for h in monitor.history] == [0, 4]
+
+
+@pytest.mark.parametrize("enable_progress_bar", [False, True])
+def test_probe_progress_bar_follows_the_trainer(enable_progress_bar, capfd, tmp_path):
+    monitor = MemorisationMonitor(**PROBE)
+    trainer = quiet_trainer(
+        max_epochs=1, callbacks=[monitor], enable_progress_bar=enable_progress_bar, default_root_dir=tmp_path
+    )
+    trainer.fit(tiny_lm_module(), pydoc_datamodule())
+    assert ("memorisation probe" in capfd.readouterr().err) is enable_progress_bar
