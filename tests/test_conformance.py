@@ -36,11 +36,18 @@ def _state(callback: Callback) -> str:
     return json.dumps(callback.state_dict(), default=repr, sort_keys=True)
 
 
-def _fit(entry: Entry, callbacks: list[Callback], data: Any = None, module: Any = None, **kwargs: Any):
+def _fit(
+    entry: Entry,
+    callbacks: list[Callback],
+    data: Any = None,
+    module: Any = None,
+    ckpt_path: str | None = None,
+    **kwargs: Any,
+):
     pl.seed_everything(0, verbose=False)
     module = entry.make_module() if module is None else module
     trainer = quiet_trainer(callbacks=callbacks, **{"max_epochs": 2, **entry.trainer_kwargs, **kwargs})
-    trainer.fit(module, entry.make_data() if data is None else data)
+    trainer.fit(module, entry.make_data() if data is None else data, ckpt_path=ckpt_path)
     return trainer, module
 
 
@@ -103,6 +110,17 @@ def test_resume_from_a_mid_epoch_checkpoint_equals_the_uninterrupted_fit(name, t
     trainer.fit(resumed_module, data(), ckpt_path=str(tmp_path / "step=3.ckpt"))
     assert torch.equal(_params(full_module), _params(resumed_module))
     assert _state(full) == _state(resumed)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].resume_overrides])
+def test_state_is_found_when_non_essential_arguments_change_on_resume(name, tmp_path):
+    entry = REGISTRY[name]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _fit(entry, [entry.make(), checkpoint], max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    changed = entry.cls(**{**entry.kwargs, **entry.resume_overrides})
+    assert changed.state_key in saved, f"{changed.state_key} not among {list(saved)}"
+    _fit(entry, [changed], max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"), default_root_dir=tmp_path)
 
 
 # --- 3. precision and loops ------------------------------------------------------------------------------------------

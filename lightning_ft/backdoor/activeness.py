@@ -224,7 +224,7 @@ class ActivenessAwareFineTuning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, alpha=self.alpha, r=self.r, norm=self.norm)
+        return self._generate_state_key(mode=self.mode)  # alpha, r, norm may change on resume
 
     def layers(self, model: nn.Module) -> list[NeuronLayer]:
         """Clip mode's neuron layers on ``model``."""

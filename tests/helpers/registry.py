@@ -45,6 +45,8 @@ class Entry:
     kinds: tuple[str, ...] = ()
     # kind -> regex of the clear error the callback must raise at setup/train start for it (unsupported kinds)
     kind_errors: dict[str, str] = field(default_factory=dict)
+    # non-essential init kwargs a resumed fit may change: the callback's state must still be found (stable state_key)
+    resume_overrides: dict[str, Any] = field(default_factory=dict)
     # kind -> init kwargs replacing the entry's for that kind (e.g. the layers to gate on a ViT)
     kind_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Trainer setting of the conformance suite ("bf16-true", "accumulate_grad_batches", ...) -> regex of the clear
@@ -70,6 +72,7 @@ REGISTRY: dict[str, Entry] = {
         ft_callbacks.MemorisationMonitor,
         dict(_PROBE),
         yaml="memorisation_monitor.yaml",
+        resume_overrides={"check_every_n_epochs": 2, "log_examples": 0},
         metric="mem/ngram",
         kinds=("peft_lora",),
         wandb_keys={"mem/ngram": "scalar", "mem/exact": "scalar", "mem/token_acc": "scalar", "mem/examples": "table"},
@@ -79,6 +82,7 @@ REGISTRY: dict[str, Entry] = {
         ft_callbacks.MemorisationEarlyStopping,
         {**_PROBE, "max_rise": 0.5, "restore_best": True, "verbose": False},
         yaml="memorisation_early_stopping.yaml",
+        resume_overrides={"verbose": True, "log_examples": 0},
         metric="mem/ngram",
         kinds=("peft_lora",),
     ),
@@ -88,6 +92,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="neuron_weight_change_reinit.yaml",
+        resume_overrides={"max_unlearn_epochs": 7, "progress_bar": None},
         monitor=("val_acc", "max"),
         metric="backdoor/nwc_selected_neurons",
         wandb_keys={
@@ -103,6 +108,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="activeness_aware_finetuning.yaml",
+        resume_overrides={"alpha": 0.5, "r": 0.1},
         monitor=("val_acc", "max"),
         metric="backdoor/perturbed_loss",
         kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
@@ -115,6 +121,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_mlp_classifier,
         make_data=rehearsal_datamodule,
         yaml="rehearsal_feedback.yaml",
+        resume_overrides={"log_every_n_steps": 5},
         trainer_kwargs={"use_distributed_sampler": False},
         group_data_priority=1,
         monitor=("val_acc", "max"),
@@ -133,6 +140,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_mlp_classifier,
         make_data=flow_datamodule,
         yaml="flow_reweighting.yaml",
+        resume_overrides={"batch_size": 8},
         monitor=("val_acc", "max"),
         metric="flow/tau",
         wandb_keys={"flow/tau": "scalar", "flow/mean_weight": "scalar"},
@@ -145,6 +153,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="learned_mask_pruning.yaml",
+        resume_overrides={"gate_lr": 0.05},
         monitor=("val_acc", "max"),
         metric="prune/sparsity",
         # BatchNorm channels by default (conv nets); a ViT has none: its MLP and attention linears are gated
@@ -158,6 +167,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="reconstructive_neuron_pruning.yaml",
+        resume_overrides={"verbose": True, "progress_bar": False},
         monitor=("val_acc", "max"),
         metric="rnp/pruned_channels",
         wandb_keys={"rnp/pruned_channels": "scalar", "rnp/masks": "histogram"},
