@@ -90,7 +90,7 @@ class WandbLogger:
 def test_log_table_and_scalars_with_a_wandb_like_logger() -> None:
     fake = WandbLogger()
     assert is_wandb_logger(fake)
-    trainer = SimpleNamespace(global_step=7, loggers=[fake])
+    trainer = SimpleNamespace(global_step=7, loggers=[fake], callback_metrics={})
     rows = [(0, 0.5, "prompt"), (1, 0.25, "other")]
     log_table(trainer, "mem/examples", ("index", "ngram", "prompt"), rows)  # type: ignore[arg-type]
     log_scalars(trainer, {"mem/ngram": 0.5}, step=9)  # type: ignore[arg-type]
@@ -119,7 +119,9 @@ def test_log_bar_chart_wandb_and_tensorboard(tmp_path: Path) -> None:
     fake = WandbLogger()
     fake.experiment = Experiment()  # type: ignore[attr-defined]
     tb = TensorBoardLogger(tmp_path, name="tb")
-    trainer = SimpleNamespace(global_step=4, loggers=[fake, tb, CSVLogger(tmp_path, name="csv")])
+    trainer = SimpleNamespace(
+        global_step=4, loggers=[fake, tb, CSVLogger(tmp_path, name="csv")], callback_metrics={}
+    )
     log_bar_chart(trainer, "rehearsal/alpha_by_bin", ["bin 0", "bin 1"], [0.25, 0.5])  # type: ignore[arg-type]
     (logged,) = fake.experiment.logged  # type: ignore[attr-defined]
     assert logged["trainer/global_step"] == 4

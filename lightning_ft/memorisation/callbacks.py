@@ -20,6 +20,7 @@ from lightning_ft._internal.distributed import gather_uneven, shard_indices
 from lightning_ft._internal.logging import log_scalars, log_table
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.offline import show_progress
+from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.memorisation.functional import Match, teacher_forced_accuracy, validate_ngram_sizes
@@ -35,6 +36,7 @@ from lightning_ft.memorisation.probe import Probe, Split, build_probe
 __all__ = ["MemorisationEarlyStopping", "MemorisationMonitor", "find_causal_lm"]
 
 _KEYS = ("ngram", "exact", "token_acc")
+_PROBE_CHANGED = "its baseline and history are not comparable with new checks"
 
 
 def find_causal_lm(pl_module: nn.Module, model_attr: str | None = None) -> nn.Module:
@@ -244,17 +246,7 @@ class MemorisationMonitor(Callback):
     ) -> None:
         # checkpoints written before the state key became the class name store the state under
         # "<class name>{<arguments>}": load it from there (Lightning only looks up the current key)
-        states = checkpoint.get("callbacks") or {}
-        if self.state_key in states or type(self) in states:
-            return
-        legacy = [k for k in states if isinstance(k, str) and k.startswith(self.state_key + "{")]
-        if len(legacy) == 1:
-            self.load_state_dict(copy.deepcopy(states[legacy[0]]))
-        elif legacy:
-            rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint holds {len(legacy)} states of this callback under old keys"
-                f" ({legacy}); none is restored."
-            )
+        restore_legacy_state(self, checkpoint, self._probe_identity(), _PROBE_CHANGED)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -447,16 +439,8 @@ class MemorisationMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, current = state_dict.get("probe"), self._probe_identity()
-        if saved is not None and saved != current:  # older checkpoints have no "probe" entry
-            changed = ", ".join(
-                f"{k}={saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]
-            )
-            raise ValueError(
-                f"{type(self).__name__}: the checkpoint was measured with other probe arguments ({changed}), so its"
-                " baseline and history are not comparable with new checks. Resume with the checkpoint's values of"
-                " these arguments, or start a new fit without `ckpt_path`."
-            )
+        # older checkpoints have no "probe" entry: accepted
+        check_resumed_arguments(self, state_dict.get("probe"), self._probe_identity(), _PROBE_CHANGED)
         self._probe_indices = state_dict.get("probe_indices")
         self.baseline = state_dict.get("baseline")
         self.history = list(state_dict.get("history", []))
@@ -641,16 +625,19 @@ class MemorisationEarlyStopping(MemorisationMonitor):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
-            self.restore_best
-            and self.best_model_path
-            and not get_filesystem(self.best_model_path).exists(self.best_model_path)
-        ):
-            raise FileNotFoundError(
-                f"MemorisationEarlyStopping(restore_best=True): the checkpoint's best n-gram weights"
-                f" {self.best_model_path!r} are gone, so they could not be restored at the end of fit. Put the file"
-                " back, or resume with restore_best=False."
-            )
+        if self.restore_best and self.best_model_path:
+            # rank 0 decides (ranks need not share a disk), every rank acts the same
+            path = self.best_model_path
+            exists = trainer.strategy.broadcast(bool(get_filesystem(path).exists(path)), src=0)
+            if not exists:
+                # a checkpoint written before a later best of the same run: that run replaced the file
+                rank_zero_warn(
+                    f"MemorisationEarlyStopping(restore_best=True): the checkpoint's best n-gram weights {path!r} are"
+                    " gone (a later best of the run this checkpoint came from replaced them). The best is tracked"
+                    " afresh from this resume: the weights restored at the end of fit are the best of the checks"
+                    " from here on."
+                )
+                self.best, self.best_model_path = None, ""
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -707,20 +694,18 @@ class MemorisationEarlyStopping(MemorisationMonitor):
     def _update_best(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
         bound = self.bound()
         current = values[self.monitor]
-        val = None
-        if self.val_monitor is not None:
-            metric = trainer.callback_metrics.get(self.val_monitor)
-            if metric is None:
-                rank_zero_warn(
-                    f"MemorisationEarlyStopping(val_monitor={self.val_monitor!r}): the metric is not logged yet"
-                    f" (available: {sorted(trainer.callback_metrics)}); this check is not a best-n-gram candidate.",
-                )
-                return
-            val = float(metric)
+        metric = trainer.callback_metrics.get(self.val_monitor) if self.val_monitor is not None else None
         candidate = {"step": trainer.global_step, "epoch": trainer.current_epoch}
-        candidate.update({"inside_bound": bound is None or current <= bound, "mem": current, "val": val})
+        candidate.update({"inside_bound": bound is None or current <= bound, "mem": current})
+        candidate["val"] = None if metric is None else float(metric)
         # rank 0 decides (a val_monitor logged without sync_dist may differ across ranks): every rank keeps the same
         candidate = trainer.strategy.broadcast(candidate, src=0)
+        if self.val_monitor is not None and candidate["val"] is None:
+            rank_zero_warn(
+                f"MemorisationEarlyStopping(val_monitor={self.val_monitor!r}): the metric is not logged yet"
+                f" (available: {sorted(trainer.callback_metrics)}); this check is not a best-n-gram candidate.",
+            )
+            return
         if self._is_better(candidate, self.best):
             self.best = candidate
             self._save_best(trainer)
