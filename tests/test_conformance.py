@@ -25,6 +25,8 @@ from tests.helpers.registry import REGISTRY, Entry
 from tests.helpers.resume import MidEpochResumable, quiet_trainer
 
 NAMES = sorted(REGISTRY)
+
+
 KIND_CASES = [(name, kind) for name in NAMES for kind in (*REGISTRY[name].kinds, *REGISTRY[name].kind_errors)]
 
 
@@ -123,6 +125,18 @@ def test_state_is_found_when_non_essential_arguments_change_on_resume(name, tmp_
     _fit(entry, [changed], max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"), default_root_dir=tmp_path)
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].essential_change])
+def test_resume_with_a_changed_essential_argument_raises(name, tmp_path):
+    # the state is still found (stable state_key), and refused with an error naming the argument instead of being
+    # silently ignored (a one-off phase run again on fine-tuned weights, gates restarted on folded weights)
+    entry = REGISTRY[name]
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    _fit(entry, [entry.make(), checkpoint], max_epochs=1, enable_checkpointing=True, default_root_dir=tmp_path)
+    changed = entry.cls(**{**entry.kwargs, **entry.essential_change})
+    with pytest.raises(ValueError, match="|".join(entry.essential_change)):
+        _fit(entry, [changed], max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"), default_root_dir=tmp_path)
+
+
 # --- 3. precision and loops ------------------------------------------------------------------------------------------
 
 
@@ -134,9 +148,11 @@ def test_bf16_precisions(name, precision):
         with pytest.raises((ValueError, TypeError), match=entry.setting_errors[precision]):
             _fit(entry, [entry.make()], max_epochs=1, precision=precision)
         return
-    trainer, module = _fit(entry, [entry.make()], max_epochs=1, precision=precision)
+    callback = entry.make()
+    trainer, module = _fit(entry, [callback], max_epochs=1, precision=precision)
     assert trainer.global_step > 0
     assert torch.isfinite(_params(module)).all()
+    assert entry.worked is None or entry.worked(callback, trainer), f"{name} did nothing under {precision}"
 
 
 LOOPS = {
@@ -195,10 +211,12 @@ def test_model_kinds(name, kind):
             _fit(entry, [entry.make(kind)], module=module, max_epochs=1)
         return
     before = _params(module).clone()
-    trainer, module = _fit(entry, [entry.make(kind)], module=module, max_epochs=1)
+    callback = entry.make(kind)
+    trainer, module = _fit(entry, [callback], module=module, max_epochs=1)
     assert trainer.global_step > 0
     after = _params(module)
     assert torch.isfinite(after).all() and not torch.equal(before, after)
+    assert entry.worked is None or entry.worked(callback, trainer), f"{name} did nothing on a {kind} model"
 
 
 # --- 5. strategies ---------------------------------------------------------------------------------------------------

@@ -63,12 +63,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def cast_inputs(inputs: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """``inputs`` on ``device``; floating tensors also cast to ``dtype`` (integer ids and masks keep theirs)."""
+    """``inputs`` (a tensor, or a mapping, tuple or list of them) on ``device``; floating tensors also cast to
+    ``dtype`` (integer ids, labels and masks keep theirs)."""
     if isinstance(inputs, Tensor):
         inputs = inputs.to(device)
         return inputs.to(dtype) if inputs.is_floating_point() else inputs
     if isinstance(inputs, Mapping):
         return {k: cast_inputs(v, device, dtype) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(cast_inputs(v, device, dtype) for v in inputs)
     return inputs
 
 
@@ -86,14 +89,16 @@ def has_user_loss(model: nn.Module) -> bool:
 
 
 def model_loss(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The training loss of ``batch`` under ``model``: ``model.lightning_ft_loss(batch)`` when defined, else
+    """The training loss of ``batch`` under ``model``: ``model.lightning_ft_loss(batch)`` when defined (the batch moved
+    to the model's device, floating tensors cast to its dtype, as Lightning does before ``training_step``), else
     cross-entropy of the logits against the batch's labels (mean over samples; for ``(batch, seq, classes)`` logits
     over every position).
 
     Returns ``(loss, logits, labels)``; logits and labels are None when the user's hook computed the loss.
     """
     if has_user_loss(model):
-        loss = getattr(model, LOSS_HOOK)(batch)
+        # the batch as training_step gets it: on the model's device, floating tensors in its dtype
+        loss = getattr(model, LOSS_HOOK)(cast_inputs(batch, _device(model), model_dtype(model)))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError(
                 f"{type(model).__name__}.{LOSS_HOOK}(batch) must return a scalar tensor, got"

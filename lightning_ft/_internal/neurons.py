@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -121,30 +122,32 @@ def find_neuron_layers(
 def classifier_heads(model: nn.Module) -> list[str]:
     """Names of the classifier-head layers of ``model`` (conv, linear or ``transformers`` Conv1D modules).
 
-    The heads are what timm's ``get_classifier()`` and Hugging Face's ``get_output_embeddings()`` return, for every
-    submodule that has these methods (a ``LightningModule`` wrapping the model included). A model with neither method
-    (a plain ``nn.Module``) has as head its last conv/linear layer in module order (``fc`` of a CNN, the last
+    The heads are what timm's ``get_classifier()`` and Hugging Face's ``get_output_embeddings()`` return, and the
+    ``classifier``/``score`` modules of Hugging Face models (``*ForImageClassification``,
+    ``*ForSequenceClassification``), for every submodule that has them (a ``LightningModule`` wrapping the model
+    included). When none of these names a layer (a plain ``nn.Module``, a timm backbone built with ``num_classes=0``
+    under your own head), the head is the model's last conv/linear layer in module order (``fc`` of a CNN, the last
     ``Linear`` of an MLP).
     """
     by_id = {id(m): name for name, m in model.named_modules()}
     heads: list[str] = []
-    has_api = False
     for module in model.modules():
+        found: list[Any] = []
         for attr in ("get_classifier", "get_output_embeddings"):
             getter = getattr(module, attr, None)
-            if not callable(getter):
+            if callable(getter):
+                result = getter()
+                found.extend(result if isinstance(result, (tuple, list)) else [result])
+        if hasattr(module, "config"):  # transformers models: classification heads are attributes
+            found.extend(getattr(module, attr, None) for attr in ("classifier", "score"))
+        for head in found:
+            if not isinstance(head, nn.Module):
                 continue
-            has_api = True
-            found = getter()
-            for head in found if isinstance(found, (tuple, list)) else (found,):
-                if not isinstance(head, nn.Module):
-                    continue
-                for sub in head.modules():  # a head may be a block (timm's ClassifierHead holds its `fc`)
-                    name = by_id.get(id(sub))
-                    kind = layer_type(sub)
-                    if name is not None and kind in LAYER_TYPES and name not in heads:
-                        heads.append(name)
-    if has_api:
+            for sub in head.modules():  # a head may be a block (timm's ClassifierHead holds its `fc`)
+                name = by_id.get(id(sub))
+                if name is not None and layer_type(sub) in LAYER_TYPES and name not in heads:
+                    heads.append(name)
+    if heads:
         return heads
     last = [name for name, m in model.named_modules() if layer_type(m) in LAYER_TYPES]
     return last[-1:]

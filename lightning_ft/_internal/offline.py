@@ -3,18 +3,68 @@
 It gives every family the same behaviour: a progress bar on rank 0 that follows the Trainer's
 ``enable_progress_bar`` (or an explicit ``progress``), one log line per epoch through ``rank_zero_info``, and the
 Trainer's precision context (autocast under ``bf16-mixed``) around forward passes.
+
+Phases that *train* a throwaway copy of the model on rank 0 alone (TSBD's clean unlearning, RNP's unlearning and mask
+recovery) take it from :func:`working_copy` and run its forwards under :func:`forward_context`:
+
+- the copy is a deep copy (the user's model is untouched), in float32 when the model's floating parameters are
+  float16/bfloat16 (``16-true``/``bf16-true``: SGD steps in half precision would round most updates away), with every
+  ``nn.SyncBatchNorm`` reverted to a plain BatchNorm that keeps its weights and running statistics
+  (``sync_batchnorm=True``: a train-mode forward of a SyncBatchNorm is a collective the other ranks, waiting in the
+  broadcast of the result, would never join, so the fit would hang);
+- the forward context is the Trainer's (autocast under ``*-mixed``, the default dtype under ``64-true``) for a model
+  in the dtype the Trainer trains in, and none for the float32 copy of a low-precision model (the ``*-true``
+  context would set the default dtype back to half precision); none without a Trainer.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
 
-__all__ = ["OfflinePhase", "show_progress"]
+from lightning_ft._internal.forward import model_dtype
+
+__all__ = ["LOW_PRECISION", "OfflinePhase", "forward_context", "show_progress", "working_copy"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Floating dtypes whose models get a float32 :func:`working_copy`."""
+
+ContextFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` to train offline on one process: float32 when ``model``'s floating parameters are
+    float16/bfloat16, every ``nn.SyncBatchNorm`` reverted to a plain BatchNorm (weights, biases and running
+    statistics kept). ``model`` itself is left as it is. Run the copy's forwards under :func:`forward_context`."""
+    work = copy.deepcopy(model)
+    # rank 0 trains the copy alone: a train-mode SyncBatchNorm would wait for the other ranks' statistics
+    work = TorchSyncBatchNorm().revert(work)
+    if model_dtype(work) in LOW_PRECISION:
+        work = work.float()
+    return work
+
+
+def forward_context(trainer: pl.Trainer | None, model: nn.Module) -> ContextFactory:
+    """The forward context for offline passes through ``model`` (a factory: call it for each ``with``).
+
+    The Trainer's precision context (autocast under ``*-mixed``) when ``model`` is in the dtype the Trainer trains in;
+    none for the float32 :func:`working_copy` of a float16/bfloat16 module (``*-true`` precisions), and none without a
+    Trainer.
+    """
+    if trainer is None:
+        return contextlib.nullcontext
+    trained = trainer.lightning_module
+    if trained is not None and model_dtype(trained) in LOW_PRECISION and model_dtype(model) not in LOW_PRECISION:
+        return contextlib.nullcontext
+    return trainer.precision_plugin.forward_context
 
 
 def show_progress(trainer: pl.Trainer | None, progress: bool | None = None) -> bool:

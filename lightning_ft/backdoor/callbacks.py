@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,11 +16,12 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
-from lightning_ft._internal.forward import model_dtype, model_logits, model_loss
+from lightning_ft._internal.forward import model_logits, model_loss
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
-from lightning_ft._internal.offline import OfflinePhase
+from lightning_ft._internal.offline import ContextFactory, OfflinePhase, forward_context, working_copy
+from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.functional import neuron_weight_changes, select_reinit_weights, zero_reinit_
@@ -29,8 +29,7 @@ from lightning_ft.backdoor.layers import check_layer_types, tsbd_layers
 
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-ContextFactory = Callable[[], contextlib.AbstractContextManager]
+_NWC_CHANGED = "its weights were zeroed by another selection (stage 1 never runs twice in a fit)"
 
 
 @torch.no_grad()
@@ -80,12 +79,13 @@ def clean_unlearning(
         progress: a progress bar over epochs (rank 0); None follows ``trainer``'s ``enable_progress_bar``.
         trainer: the fit's Trainer, if any: the progress bar and the forward context follow it.
         trainer_precision: run forward passes under the Trainer's precision context (autocast under
-            ``bf16-mixed``); off for a float32 copy of a ``bf16-true`` model.
+            ``bf16-mixed``) as :func:`~lightning_ft._internal.offline.forward_context` decides (never for the float32
+            copy of a ``bf16-true`` model); False: never.
         verbose: a log line per epoch (clean accuracy, predicted classes).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     phase = OfflinePhase("TSBD clean unlearning", max_epochs, trainer, progress=progress, verbose=verbose)
-    context: ContextFactory = phase.precision if trainer_precision else contextlib.nullcontext
+    context: ContextFactory = forward_context(trainer, model) if trainer_precision else contextlib.nullcontext
     try:
         for epoch in phase:
             model.train()
@@ -122,9 +122,13 @@ class NeuronWeightChangeReinit(Callback):
     forward passes run under the Trainer's autocast.
 
     The user's weights are only touched after unlearning and selection succeeded. Under DDP, rank 0 unlearns on the
-    whole clean set and broadcasts the selection, so all ranks zero the same weights. The callback state records that
+    whole clean set (on a copy with plain BatchNorms under ``sync_batchnorm=True``) and broadcasts the selection, so
+    all ranks zero the same weights. The callback state records that
     stage 1 ran, so a fit resumed from its checkpoint does not run it again; an instance reused for a new fit starts
-    afresh. FSDP, DeepSpeed and model-parallel strategies are refused at ``setup``.
+    afresh. The state is stored under the class name, so a resume finds it whatever unlearning or display arguments
+    changed; the selection's arguments (``neuron_ratio``, ``subweight_ratio``, ``layer_types``, ``include``,
+    ``exclude``, ``exclude_head``) must stay the same (else ``ValueError``). FSDP, DeepSpeed and model-parallel
+    strategies are refused at ``setup``.
 
     Args:
         neuron_ratio: share of neurons selected, in (0, 1] (the official code sweeps it; 0.2 worked on digits).
@@ -199,7 +203,20 @@ class NeuronWeightChangeReinit(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(neuron_ratio=self.neuron_ratio, subweight_ratio=self.subweight_ratio)
+        # the class name only: the state is found again whatever unlearning or display arguments changed on resume;
+        # the selection's arguments are checked in load_state_dict
+        return self.__class__.__qualname__
+
+    def _selection_arguments(self) -> dict[str, Any]:
+        """The arguments that define which weights stage 1 zeroed: a resume must keep them."""
+        return {
+            "neuron_ratio": self.neuron_ratio,
+            "subweight_ratio": self.subweight_ratio,
+            "layer_types": None if self.layer_types is None else list(self.layer_types),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "exclude_head": self.exclude_head,
+        }
 
     def layers(self, model: nn.Module) -> list[NeuronLayer]:
         """The neuron layers this callback selects from on ``model``."""
@@ -257,12 +274,11 @@ class NeuronWeightChangeReinit(Callback):
     def _select(
         self, loader: Iterable[Any], pl_module: nn.Module, layers: list[NeuronLayer], trainer: pl.Trainer | None
     ) -> dict[str, Any]:
-        unlearned = copy.deepcopy(pl_module)  # the user's model is untouched until the selection succeeded
-        # low-precision weights (bf16-true): unlearn a float32 copy; the original's weights converted to float32 are
-        # exactly the copy's starting point, so the changes below compare float32 with float32
-        upcast = model_dtype(pl_module) in _LOW_PRECISION
-        if upcast:
-            unlearned.float()
+        # the user's model is untouched until the selection succeeded; the copy has plain BatchNorms (rank 0 unlearns
+        # alone: a SyncBatchNorm would wait for the other ranks) and is float32 for low-precision weights (bf16-true):
+        # the original's weights converted to float32 are exactly the copy's starting point, so the changes below
+        # compare float32 with float32; clean_unlearning runs it under the matching forward context
+        unlearned = working_copy(pl_module)
         with torch.enable_grad(), torch.inference_mode(False):
             epochs, rule = clean_unlearning(
                 unlearned,
@@ -274,7 +290,6 @@ class NeuronWeightChangeReinit(Callback):
                 stop_on_single_class=self.stop_on_single_class,
                 progress=self.progress_bar if trainer is not None else bool(self.progress_bar),
                 trainer=trainer,
-                trainer_precision=not upcast,
                 verbose=trainer is not None,
             )
         changes = neuron_weight_changes(pl_module, unlearned, layers)
@@ -294,11 +309,20 @@ class NeuronWeightChangeReinit(Callback):
         self._loaded = False
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # checkpoints written when the key held neuron_ratio and subweight_ratio: load the state from there
+        restore_legacy_state(self, checkpoint, self._selection_arguments(), _NWC_CHANGED)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "report": dict(self.report)}
+        return {"done": self.done, "report": dict(self.report), "arguments": self._selection_arguments()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a state without "arguments" comes from an older checkpoint: accepted
+        check_resumed_arguments(self, state_dict.get("arguments"), self._selection_arguments(), _NWC_CHANGED)
         self.done = state_dict.get("done", False)
         self.report = dict(state_dict.get("report", {}))
         self._loaded = True

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_ft._internal.logging import log_histogram
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES
+from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.pruning.gates import (
@@ -35,6 +36,7 @@ from lightning_ft.pruning.schedule import cubic_sparsity
 __all__ = ["LearnedMaskPruning"]
 
 DEFAULT_GATE_LR = {"sigmoid": 1e-2, "hard_concrete": 1e-1}  # emmental's mask-score learning rates
+_GATES_CHANGED = "its gate scores and frozen masks do not fit this callback's gates and masks"
 
 
 class LearnedMaskPruning(Callback):
@@ -63,9 +65,12 @@ class LearnedMaskPruning(Callback):
     call callbacks' ``on_save_checkpoint`` for them, and they keep the gate keys.
 
     A callback reused for a second ``fit`` starts afresh (schedule, frozen masks, noise generator, gate optimizer),
-    unless that fit resumes from a checkpoint. The gates' forward hooks are checked again in ``on_fit_start``, after
-    the strategy has set the model up: ``sync_batchnorm=True`` replaces the BatchNorms (keeping their ``neuron_gate``)
-    and drops their hooks, which are then registered again. FSDP and DeepSpeed are refused at ``setup``.
+    unless that fit resumes from a checkpoint. The state is stored under the class name, so a resume finds it
+    whatever ``penalty``, schedule or ``make_permanent`` arguments changed; ``sparsity``, ``gate_type``,
+    ``layer_types``, ``include``, ``exclude``, ``scope`` and ``min_keep`` must stay the same (else ``ValueError``).
+    The gates' forward hooks are checked again in ``on_fit_start``, after the strategy has set the model up:
+    ``sync_batchnorm=True`` replaces the BatchNorms (keeping their ``neuron_gate``) and drops their hooks, which are
+    then registered again. FSDP and DeepSpeed are refused at ``setup``.
 
     Args:
         sparsity: target share of gated neurons to prune, in [0, 1).
@@ -162,7 +167,21 @@ class LearnedMaskPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(sparsity=self.sparsity, gate_type=self.gate_type)
+        # the class name only: the state is found again whatever learning-rate, penalty or schedule arguments changed
+        # on resume; the gates' and masks' arguments are checked in load_state_dict
+        return self.__class__.__qualname__
+
+    def _gate_arguments(self) -> dict[str, Any]:
+        """The arguments that define the gates and their masks: a resume must keep them."""
+        return {
+            "sparsity": self.sparsity,
+            "gate_type": self.gate_type,
+            "layer_types": list(self.layer_types),
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "scope": self.scope,
+            "min_keep": self.min_keep,
+        }
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -251,6 +270,8 @@ class LearnedMaskPruning(Callback):
         self._optimizer = torch.optim.Adam(scores, lr=lr)
         if "optimizer" in self._pending:
             self._optimizer.load_state_dict(self._pending.pop("optimizer"))
+            for group in self._optimizer.param_groups:  # the checkpoint's moments, this fit's learning rate
+                group["lr"] = lr
         self._mask_step = -1
 
     def target_sparsity(self, step: int) -> float:
@@ -416,6 +437,7 @@ class LearnedMaskPruning(Callback):
             "generator": self._generator.get_state(),
             "current_sparsity": self.current_sparsity,
             "total": self._total or self._pending.get("total"),
+            "arguments": self._gate_arguments(),
         }
         if self.gated:  # mid-fit: checkpoints hold folded weights without the gates (on_save_checkpoint)
             state["scores"] = {g.name: g.gate.scores.detach().cpu().clone() for g in self.gated}
@@ -423,7 +445,16 @@ class LearnedMaskPruning(Callback):
         return state
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # checkpoints written when the key held sparsity and gate_type: load the state from there
+        restore_legacy_state(self, checkpoint, self._gate_arguments(), _GATES_CHANGED)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a state without "arguments" comes from an older checkpoint: accepted
+        check_resumed_arguments(self, state_dict.get("arguments"), self._gate_arguments(), _GATES_CHANGED)
         if state_dict.get("optimizer") is not None:
             self._pending["optimizer"] = state_dict["optimizer"]  # applied when the gate optimizer is built
         frozen = state_dict.get("frozen")

@@ -21,8 +21,6 @@ hook).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,21 +28,22 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
-from lightning_ft._internal.forward import has_user_loss, logits_of, model_dtype, model_loss
+from lightning_ft._internal.forward import _device, has_user_loss, logits_of, model_loss
 from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers
-from lightning_ft._internal.offline import OfflinePhase
+from lightning_ft._internal.offline import OfflinePhase, forward_context, working_copy
+from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 
 __all__ = ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
+
+_RNP_CHANGED = "its weights were pruned with other channels (RNP never runs twice in a fit)"
 
 
 def _batchnorms(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[NeuronLayer]:
@@ -54,18 +53,6 @@ def _batchnorms(model: nn.Module, include: Sequence[str] = (), exclude: Sequence
         raise ValueError(
             f"RNP masks BatchNorm channels and found none to mask: {err} (BN-free networks are not supported.)"
         ) from None
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _precision(phase: OfflinePhase, trainer: pl.Trainer | None) -> contextlib.AbstractContextManager:
-    """The Trainer's autocast under mixed precision; nothing otherwise (a ``*-true`` precision's model is copied to
-    float32 for the offline phases, see :meth:`ReconstructiveNeuronPruning._run`)."""
-    if trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision):
-        return phase.precision()
-    return contextlib.nullcontext()
 
 
 def _loss_and_predictions(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,6 +104,7 @@ def rnp_unlearn(
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), 0.1)
     acc = 1.0
+    context = forward_context(trainer, model)
     phase = OfflinePhase("RNP unlearning", max_epochs, trainer, progress_bar, verbose)
     try:
         for epoch in phase:
@@ -124,7 +112,7 @@ def rnp_unlearn(
             correct = torch.zeros((), device=device)
             total = 0
             for batch in loader:
-                with _precision(phase, trainer):
+                with context():
                     loss, logits, labels = _loss_and_predictions(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 (-loss).backward()
@@ -182,6 +170,7 @@ def rnp_recover_masks(
     for p in trainable:
         p.requires_grad_(False)
     optimizer = torch.optim.SGD(list(masks.values()), lr=lr, momentum=momentum)
+    context = forward_context(trainer, model)
     phase = OfflinePhase("RNP mask recovery", epochs, trainer, progress_bar, verbose)
     try:
         model.train()
@@ -189,7 +178,7 @@ def rnp_recover_masks(
             total = torch.zeros((), device=device)
             batches = 0
             for batch in loader:
-                with _precision(phase, trainer):
+                with context():
                     loss = alpha * model_loss(model, batch)[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -240,7 +229,9 @@ class ReconstructiveNeuronPruning(Callback):
     alone, so their masks fall (Li et al. 2023). Runs at the start of training on rank 0 (the whole clean set), and
     the pruned channel indices are broadcast so every rank prunes the same ones. With ``keep_pruned`` the pruned
     ``gamma`` are re-zeroed after every optimizer step of the following fine-tuning; ``finetune=False`` stops the fit
-    right after pruning (the official protocol has no fine-tuning). Resumable: RNP never runs twice.
+    right after pruning (the official protocol has no fine-tuning). Resumable: RNP never runs twice. The state is
+    stored under the class name, so a resume finds it whatever unlearning, recovery or display arguments changed;
+    ``threshold``, ``include`` and ``exclude`` must stay the same (else ``ValueError``).
 
     Args:
         threshold: prune channels with mask ``<= threshold`` (the official README's example: 0.2). Choose it on
@@ -320,7 +311,13 @@ class ReconstructiveNeuronPruning(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(threshold=self.threshold)
+        # the class name only: the state is found again whatever unlearning, recovery or display arguments changed
+        # on resume; the pruning's arguments are checked in load_state_dict
+        return self.__class__.__qualname__
+
+    def _pruning_arguments(self) -> dict[str, Any]:
+        """The arguments that define which channels were pruned: a resume must keep them."""
+        return {"threshold": self.threshold, "include": list(self.include), "exclude": list(self.exclude)}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -340,11 +337,9 @@ class ReconstructiveNeuronPruning(Callback):
 
     def _run(self, model: nn.Module, loader: Iterable[Any], trainer: pl.Trainer | None = None) -> dict[str, Any]:
         start = time.perf_counter()
-        unlearned = copy.deepcopy(model)  # the user's model is untouched until the masks exist
-        # rank 0 runs alone: SyncBatchNorm (sync_batchnorm=True) would wait for the other ranks' statistics
-        unlearned = TorchSyncBatchNorm().revert(unlearned)
-        if model_dtype(unlearned) != torch.float32:  # bf16-true/16-true: unlearn and recover in float32
-            unlearned = unlearned.float()
+        # the user's model is untouched until the masks exist; rank 0 runs alone on a copy with plain BatchNorms (a
+        # SyncBatchNorm would wait for the other ranks), in float32 for bf16-true/16-true (see working_copy)
+        unlearned = working_copy(model)
         phases = {"trainer": trainer, "progress_bar": self.progress_bar, "verbose": self.verbose}
         with torch.enable_grad(), torch.inference_mode(False):
             epochs, acc = rnp_unlearn(
@@ -419,11 +414,25 @@ class ReconstructiveNeuronPruning(Callback):
                     weight.index_fill_(0, idx, 0.0)
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # checkpoints written when the key held the threshold: load the state from there
+        restore_legacy_state(self, checkpoint, self._pruning_arguments(), _RNP_CHANGED)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "pruned": dict(self.pruned), "report": dict(self.report)}
+        return {
+            "done": self.done,
+            "pruned": dict(self.pruned),
+            "report": dict(self.report),
+            "arguments": self._pruning_arguments(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # a state without "arguments" comes from an older checkpoint: accepted
+        check_resumed_arguments(self, state_dict.get("arguments"), self._pruning_arguments(), _RNP_CHANGED)
         self.done = state_dict.get("done", False)
         self.pruned = dict(state_dict.get("pruned", {}))
         self.report = dict(state_dict.get("report", {}))

@@ -45,8 +45,14 @@ class Entry:
     kinds: tuple[str, ...] = ()
     # kind -> regex of the clear error the callback must raise at setup/train start for it (unsupported kinds)
     kind_errors: dict[str, str] = field(default_factory=dict)
+    # whether the callback did its job in a fit (not only ran): (callback, trainer) -> bool; checked on every model
+    # kind and precision, so a callback that silently does nothing there fails
+    worked: Callable[[Any, pl.Trainer], bool] | None = None
     # non-essential init kwargs a resumed fit may change: the callback's state must still be found (stable state_key)
     resume_overrides: dict[str, Any] = field(default_factory=dict)
+    # an essential init kwarg changed on resume: the callback must refuse its checkpointed state (ValueError naming
+    # the argument) rather than silently start afresh or run a one-off phase again
+    essential_change: dict[str, Any] = field(default_factory=dict)
     # kind -> init kwargs replacing the entry's for that kind (e.g. the layers to gate on a ViT)
     kind_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Trainer setting of the conformance suite ("bf16-true", "accumulate_grad_batches", ...) -> regex of the clear
@@ -72,7 +78,9 @@ REGISTRY: dict[str, Entry] = {
         ft_callbacks.MemorisationMonitor,
         dict(_PROBE),
         yaml="memorisation_monitor.yaml",
+        worked=lambda cb, trainer: len(cb.history) >= 2,
         resume_overrides={"check_every_n_epochs": 2, "log_examples": 0},
+        essential_change={"probe_size": 4},
         metric="mem/ngram",
         kinds=("peft_lora",),
         wandb_keys={"mem/ngram": "scalar", "mem/exact": "scalar", "mem/token_acc": "scalar", "mem/examples": "table"},
@@ -82,17 +90,23 @@ REGISTRY: dict[str, Entry] = {
         ft_callbacks.MemorisationEarlyStopping,
         {**_PROBE, "max_rise": 0.5, "restore_best": True, "verbose": False},
         yaml="memorisation_early_stopping.yaml",
+        worked=lambda cb, trainer: len(cb.history) >= 2,
         resume_overrides={"verbose": True, "log_examples": 0},
+        essential_change={"probe_size": 4},
         metric="mem/ngram",
         kinds=("peft_lora",),
+        wandb_keys={"mem/ngram": "scalar", "mem/exact": "scalar", "mem/token_acc": "scalar", "mem/examples": "table"},
+        wandb_kwargs={"log_examples": 2},
     ),
     "NeuronWeightChangeReinit": Entry(
         ft_callbacks.NeuronWeightChangeReinit,
-        {"neuron_ratio": 0.3, "lr_unlearn": 1e-2, "max_unlearn_epochs": 5, "progress_bar": False},
+        {"neuron_ratio": 0.3, "lr_unlearn": 1e-2, "max_unlearn_epochs": 5},
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="neuron_weight_change_reinit.yaml",
+        worked=lambda cb, trainer: cb.done and cb.report["zeroed_weights"] > 0,
         resume_overrides={"max_unlearn_epochs": 7, "progress_bar": None},
+        essential_change={"neuron_ratio": 0.5},
         monitor=("val_acc", "max"),
         metric="backdoor/nwc_selected_neurons",
         wandb_keys={
@@ -108,9 +122,11 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="activeness_aware_finetuning.yaml",
+        worked=lambda cb, trainer: "backdoor/perturbed_loss" in trainer.callback_metrics,
         resume_overrides={"alpha": 0.5, "r": 0.1},
         monitor=("val_acc", "max"),
         metric="backdoor/perturbed_loss",
+        wandb_keys={"backdoor/perturbed_loss": "scalar"},
         kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
         # penalty mode recomputes the loss on the current micro-batch only (mode="clip" accumulates)
         setting_errors={"accumulate_grad_batches": "accumulate_grad_batches=2"},
@@ -121,6 +137,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_mlp_classifier,
         make_data=rehearsal_datamodule,
         yaml="rehearsal_feedback.yaml",
+        worked=lambda cb, trainer: int(trainer.datamodule.sampler.seen.sum()) > 0,
         resume_overrides={"log_every_n_steps": 5},
         trainer_kwargs={"use_distributed_sampler": False},
         group_data_priority=1,
@@ -140,6 +157,7 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_mlp_classifier,
         make_data=flow_datamodule,
         yaml="flow_reweighting.yaml",
+        worked=lambda cb, trainer: trainer.lightning_module.flow_weighting is not None,
         resume_overrides={"batch_size": 8},
         monitor=("val_acc", "max"),
         metric="flow/tau",
@@ -153,7 +171,9 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="learned_mask_pruning.yaml",
+        worked=lambda cb, trainer: sum(cb.pruned.values()) > 0,
         resume_overrides={"gate_lr": 0.05},
+        essential_change={"sparsity": 0.3},
         monitor=("val_acc", "max"),
         metric="prune/sparsity",
         # BatchNorm channels by default (conv nets); a ViT has none: its MLP and attention linears are gated
@@ -167,7 +187,9 @@ REGISTRY: dict[str, Entry] = {
         make_module=tiny_classifier,
         make_data=small_digits_datamodule,
         yaml="reconstructive_neuron_pruning.yaml",
+        worked=lambda cb, trainer: cb.done and cb.report["channels"] > 0,
         resume_overrides={"verbose": True, "progress_bar": False},
+        essential_change={"threshold": 0.5},
         monitor=("val_acc", "max"),
         metric="rnp/pruned_channels",
         wandb_keys={"rnp/pruned_channels": "scalar", "rnp/masks": "histogram"},

@@ -435,3 +435,20 @@ def test_a_reused_rnp_callback_runs_again_on_its_second_fit():
     for name, idx in callback.pruned.items():
         assert torch.all(dict(module.named_modules())[name].weight[idx] == 0)
     assert first.keys() == callback.pruned.keys()
+
+
+def test_a_changed_gate_lr_takes_effect_on_resume(tmp_path):
+    """The gate optimizer's moments come from the checkpoint, its learning rate from the resumed callback."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[pruning(), checkpoint], enable_checkpointing=True)
+    trainer.fit(tiny_classifier(), small_digits_datamodule())
+    resumed = pruning(gate_lr=0.05, make_permanent=False)
+    lrs: list[float] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            lrs.extend(group["lr"] for group in resumed._optimizer.param_groups)
+
+    trainer = quiet_trainer(max_epochs=2, callbacks=[resumed, Spy()])
+    trainer.fit(tiny_classifier(), small_digits_datamodule(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert lrs and set(lrs) == {0.05}
