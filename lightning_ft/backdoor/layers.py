@@ -32,7 +32,8 @@ def tsbd_layers(
         model: the model (or the ``LightningModule`` holding it).
         layer_types: subset of ``("conv", "linear", "hf_conv1d")``; None (auto): the convolutions when the model has
             at least :data:`AUTO_MIN_CONVS` eligible ones (CNNs; the paper's choice), else the linear and
-            ``transformers`` Conv1D layers (ViTs, MLPs, transformer classifiers; a ViT's only conv is its patch embedding).
+            ``transformers`` Conv1D layers (ViTs, MLPs, transformer classifiers; a ViT's only conv is its patch
+            embedding).
         include, exclude: regexes on layer names (:func:`~lightning_ft._internal.neurons.find_neuron_layers`).
         exclude_head: leave the classifier head out (:func:`~lightning_ft._internal.neurons.classifier_heads`).
 
