@@ -119,9 +119,7 @@ def test_log_bar_chart_wandb_and_tensorboard(tmp_path: Path) -> None:
     fake = WandbLogger()
     fake.experiment = Experiment()  # type: ignore[attr-defined]
     tb = TensorBoardLogger(tmp_path, name="tb")
-    trainer = SimpleNamespace(
-        global_step=4, loggers=[fake, tb, CSVLogger(tmp_path, name="csv")], callback_metrics={}
-    )
+    trainer = SimpleNamespace(global_step=4, loggers=[fake, tb, CSVLogger(tmp_path, name="csv")], callback_metrics={})
     log_bar_chart(trainer, "rehearsal/alpha_by_bin", ["bin 0", "bin 1"], [0.25, 0.5])  # type: ignore[arg-type]
     (logged,) = fake.experiment.logged  # type: ignore[attr-defined]
     assert logged["trainer/global_step"] == 4
