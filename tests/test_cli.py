@@ -26,6 +26,18 @@ SNIPPETS = sorted((ROOT / "callbacks").glob("*.yaml"))
 DEMO_CONFIG = ROOT / "configs" / "memorisation_demo.yaml"
 # quiet, fast trainer settings shared by the parsing tests
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+# a one-epoch, two-batch fit of the demo's tiny GPT-2 on 8 pydoc chunks
+SHORT_FIT = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--data.n_train=8",
+    "--data.n_val=8",
+    "--data.batch_size=4",
+    "--model.n_embd=32",
+    "--model.n_layer=1",
+    "--model.n_head=2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -134,15 +146,7 @@ def test_demo_config_fits(tmp_path: Path) -> None:
             "--config",
             str(DEMO_CONFIG),
             f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            "--trainer.limit_val_batches=1",
-            "--data.n_train=8",
-            "--data.n_val=8",
-            "--data.batch_size=4",
-            "--model.n_embd=32",
-            "--model.n_layer=1",
-            "--model.n_head=2",
+            *SHORT_FIT,
             "--trainer.callbacks.probe_size=4",
             "--trainer.callbacks.batch_size=4",
             *QUIET,
@@ -245,20 +249,7 @@ def test_callbacks_readme_composed_example_runs_as_written(tmp_path: Path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "callbacks").symlink_to(ROOT / "callbacks")
     (tmp_path / "my.yaml").write_text(my_yaml)
-    short = [
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--data.n_train=8",
-        "--data.n_val=8",
-        "--data.batch_size=4",
-        "--model.n_embd=32",
-        "--model.n_layer=1",
-        "--model.n_head=2",
-        f"--trainer.default_root_dir={tmp_path}",
-        *QUIET,
-    ]
-    cli = build_cli([*command[1:], *short])
+    cli = build_cli([*command[1:], *SHORT_FIT, f"--trainer.default_root_dir={tmp_path}", *QUIET])
     names = [type(cb).__name__ for cb in cli.trainer.callbacks]
     assert "MemorisationMonitor" in names and "LearningRateMonitor" in names
     assert cli.trainer.state.finished and "mem/ngram" in cli.trainer.callback_metrics
