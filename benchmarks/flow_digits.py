@@ -7,7 +7,12 @@ task-B loss by ``exp(-ref_loss / median)`` from the task-A model (``normalize`` 
 variant starts from the same task-A model and sees the same batches. Retention = task-A test accuracy after, task B =
 task-B test accuracy; the paired difference to plain fine-tuning is reported with a 95% t-interval.
 
-Writes ``benchmarks/results/flow_digits.json`` and ``.md``. Usage: python benchmarks/flow_digits.py [--seeds 8]
+Controls (no information about which samples are easy): ``flow_constant`` weights every sample by the mean of FLOW's
+weights (the smaller step of unnormalised weights, nothing else), ``flow_shuffled`` uses FLOW's weights permuted
+across samples (same distribution, no relation to the sample).
+
+Writes ``benchmarks/results/flow_digits[_sgd].json`` and ``.md``. Usage:
+python benchmarks/flow_digits.py [--seeds 8] [--optimizer adam|sgd]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.rehearsal import flow_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("plain", "flow", "flow_mean1")
+VARIANTS = ("plain", "flow", "flow_mean1", "flow_constant", "flow_shuffled")
 
 
 def mlp(seed: int) -> nn.Module:
@@ -34,8 +39,13 @@ def mlp(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, weights: Tensor | None = None) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+def train(
+    model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int, weights: Tensor | None = None, sgd: bool = False
+) -> None:
+    if sgd:  # SGD's step scales with the loss weights; Adam's is invariant to a constant scale
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=generator)
@@ -53,7 +63,19 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def run(shift: int, seeds: int) -> dict:
+def variant_weights(variant: str, ref: Tensor, seed: int) -> Tensor | None:
+    """The per-sample loss weights of ``variant`` (None: plain mean)."""
+    if variant == "plain":
+        return None
+    weights = flow_weights(ref, normalize="mean1" if variant == "flow_mean1" else "none")
+    if variant == "flow_constant":
+        return torch.full_like(weights, float(weights.mean()))
+    if variant == "flow_shuffled":
+        return weights[torch.randperm(len(weights), generator=torch.Generator().manual_seed(seed))]
+    return weights
+
+
+def run(shift: int, seeds: int, sgd: bool = False) -> dict:
     images, labels = load_digits_tensors(8)
     x = images.flatten(1)
     xb, yb = 1 - x, (labels + shift) % 10
@@ -69,12 +91,7 @@ def run(shift: int, seeds: int) -> dict:
         for variant in VARIANTS:
             model = mlp(seed)
             model.load_state_dict(base.state_dict())
-            weights = (
-                None
-                if variant == "plain"
-                else flow_weights(ref, normalize="mean1" if variant == "flow_mean1" else "none")
-            )
-            train(model, xb[b_idx], yb[b_idx], 15, seed, weights)
+            train(model, xb[b_idx], yb[b_idx], 15, seed, variant_weights(variant, ref, seed), sgd)
             row[variant] = {
                 "a": accuracy(model, x[test_idx], labels[test_idx]),
                 "b": accuracy(model, xb[test_idx], yb[test_idx]),
@@ -92,6 +109,7 @@ def run(shift: int, seeds: int) -> dict:
     return {
         "shift": shift,
         "seeds": seeds,
+        "optimizer": "sgd" if sgd else "adam",
         "a_before": statistics.fmean(r["a_before"] for r in rows),
         "runs": rows,
         "summary": summary,
@@ -115,21 +133,26 @@ def markdown(results: list[dict]) -> str:
                 f"| {name} | {variant} | {e['a']:.3f} ± {e['a_std']:.3f} | {e['b']:.3f} ± {e['b_std']:.3f}"
                 f" | {diff} | {diff_b} |"
             )
-    seeds = results[0]["seeds"]
-    lines.append(f"\n{seeds} paired seeds; task-A accuracy before fine-tuning {results[0]['a_before']:.3f}.")
+    seeds, optimizer = results[0]["seeds"], results[0].get("optimizer", "adam")
+    lines.append(
+        f"\n{seeds} paired seeds, {optimizer}; task-A accuracy before fine-tuning {results[0]['a_before']:.3f}."
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = [run(shift, args.seeds) for shift in (0, 3)]
+    sgd = args.optimizer == "sgd"
+    results = [run(shift, args.seeds, sgd) for shift in (0, 3)]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flow_digits.json").write_text(json.dumps(results, indent=1))
+    stem = "flow_digits_sgd" if sgd else "flow_digits"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (RESULTS / "flow_digits.md").write_text(table + "\n")
+    (RESULTS / f"{stem}.md").write_text(table + "\n")
     print(table)
 
 
