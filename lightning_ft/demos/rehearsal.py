@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ft.demos._common import cpu_trainer, prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
-from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
+from lightning_ft.rehearsal.callbacks import FLOWReweighting, RehearsalDataModule, RehearsalFeedback
 from lightning_ft.rehearsal.flow import FLOWWeighting
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 
@@ -82,27 +82,19 @@ class RehearsalDemoConfig:
 
 
 class FLOWClassifier(ImageClassifier):
-    """:class:`ImageClassifier` whose training loss on ``(x, y, sample_id)`` batches is FLOW-weighted.
+    """:class:`ImageClassifier` whose training loss on ``(x, y, sample_id)`` batches is FLOW-weighted
+    (``self.flow_loss``), returning the per-sample outputs :class:`~lightning_ft.rehearsal.RehearsalFeedback` reads.
 
-    With ``num_finetune`` set (FLOW + rehearsal), samples with ids from ``num_finetune`` on are rehearsed pool samples:
-    they keep weight 1, and the per-sample outputs for :class:`~lightning_ft.rehearsal.RehearsalFeedback` are returned.
+    FLOW + rehearsal needs nothing more: :class:`~lightning_ft.rehearsal.FLOWReweighting` on a
+    :class:`~lightning_ft.rehearsal.RehearsalDataModule` weights the fine-tuning samples only, the rehearsed pool
+    samples keep weight 1.
     """
-
-    num_finetune: int | None = None
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         x, y, ids = batch
         logits = self(x)
         losses = F.cross_entropy(logits, y, reduction="none")
-        if self.num_finetune is None:
-            loss = self.flow_loss(losses, ids)
-            self.log("train_loss", loss, prog_bar=True)
-            return loss
-        finetune = ids < self.num_finetune
-        assert self.flow_weighting is not None
-        weights = torch.ones_like(losses)
-        weights[finetune] = self.flow_weighting.weights_for(ids[finetune]).to(losses.dtype)
-        loss = (weights * losses).mean()
+        loss = self.flow_loss(losses, ids)
         self.log("train_loss", loss, prog_bar=True)
         per_sample = {"sample_id": ids, "correct": logits.detach().argmax(-1) == y, "loss": losses.detach()}
         return {"loss": loss, "per_sample": per_sample}
@@ -154,19 +146,17 @@ def finetune(config: RehearsalDemoConfig, data: dict[str, Any], state: dict[str,
     module.load_state_dict(state)
     row: dict[str, Any] = {"kind": kind, "seed": config.seed}
     start = time.perf_counter()
-    if flow:
-        assert isinstance(module, FLOWClassifier)
+    inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=config.batch_size)
+    if kind == "flow":  # FLOW set up by hand: the reference pass before the fit
         task_b = WithSampleIds(data["task_b"])
         module.flow_weighting = FLOWWeighting(ReferenceStatistics.compute(module, DataLoader(task_b, batch_size=256)))
-        row["tau"] = module.flow_weighting.tau
-    inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=config.batch_size)
-    if kind == "flow":
         _trainer(config.finetune_epochs).fit(module, DataLoader(task_b, batch_size=config.batch_size, shuffle=True))
     elif kind == "no_rehearsal":
         _trainer(config.finetune_epochs).fit(module, inner)
     else:
-        if isinstance(module, FLOWClassifier):
-            module.num_finetune = len(data["task_b"])
+        callbacks: list[pl.Callback] = [RehearsalFeedback()]
+        if flow:  # FLOW + rehearsal: FLOW weights the fine-tuning samples, rehearsed pool samples keep weight 1
+            callbacks.append(FLOWReweighting(samples="finetune"))
         groups = data["task_a"].tensors[1].tolist() if kind == "mixcd_class" else None
         mixed = RehearsalDataModule(
             inner,
@@ -177,9 +167,12 @@ def finetune(config: RehearsalDemoConfig, data: dict[str, Any], state: dict[str,
             pool_groups=groups,
             seed=config.seed,
         )
-        _trainer(config.finetune_epochs, [RehearsalFeedback()]).fit(module, mixed)
+        _trainer(config.finetune_epochs, callbacks).fit(module, mixed)
         assert mixed.sampler is not None
         row["cd_hit_rate"] = mixed.sampler.hit_rate
+    if flow:
+        assert module.flow_weighting is not None
+        row["tau"] = module.flow_weighting.tau
     row["seconds"] = time.perf_counter() - start
     row["task_a"] = _accuracy(module, *data["test_a"])
     row["task_b"] = _accuracy(module, *data["test_b"])

@@ -101,9 +101,10 @@ class RehearsalLM(FLOWWeightedLoss, CausalLMModule):
     :class:`~lightning_ft.rehearsal.RehearsalFeedback` (``correct``: :func:`~lightning_ft.rehearsal.causal_lm_correct`
     at :attr:`correct_threshold`, from the logits of the training pass; ``loss``: each sample's mean token NLL).
 
-    With :attr:`flow_weighting` set, the token loss is FLOW-weighted (sequence or token level); with
-    :attr:`num_finetune` set as well (FLOW + rehearsal), samples with ids from ``num_finetune`` on are rehearsed pool
-    samples and keep weight 1. Batches without ids train with the plain token mean.
+    With :attr:`flow_weighting` set, the token loss is FLOW-weighted (sequence or token level); FLOW + rehearsal:
+    ``FLOWWeighting(..., unweighted_from=len(task_b))`` (what :class:`~lightning_ft.rehearsal.FLOWReweighting` sets up
+    on a :class:`~lightning_ft.rehearsal.RehearsalDataModule`) or :attr:`num_finetune` keep weight 1 for the rehearsed
+    pool samples. Batches without ids train with the plain token mean.
     """
 
     num_finetune: int | None = None
@@ -235,7 +236,8 @@ def finetune_text(config: RehearsalTextConfig, base: TextBase, kind: str) -> dic
     start = time.perf_counter()
     if kind.startswith("flow"):
         stats = ReferenceStatistics.compute(module, DataLoader(task_b, batch_size=128), task="causal_lm")
-        module.flow_weighting = FLOWWeighting(stats)  # sequence level, tau = median reference loss
+        # sequence level, tau = median reference loss; with rehearsal the pool chunks (ids after task B's) keep weight 1
+        module.flow_weighting = FLOWWeighting(stats, unweighted_from=None if kind == "flow" else len(task_b))
         row["tau"] = module.flow_weighting.tau
         row["flow_mean_weight"] = float(module.flow_weighting.weights.mean())
     if kind == "no_rehearsal":
@@ -244,8 +246,6 @@ def finetune_text(config: RehearsalTextConfig, base: TextBase, kind: str) -> dic
         loader = DataLoader(task_b, batch_size=config.batch_size, shuffle=True)
         _trainer(config.finetune_epochs).fit(module, loader)
     else:
-        if module.flow_weighting is not None:  # FLOW + rehearsal: rehearsed pool chunks keep weight 1
-            module.num_finetune = len(task_b)
         mixed = RehearsalDataModule(
             data,
             base.pool,

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_bar_chart, log_scalars
@@ -24,6 +25,8 @@ from lightning_ft.rehearsal.sampler import Budget, CollateralDamageSampler, Stra
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, Task, WithSampleIds
 
 __all__ = ["FLOWReweighting", "RehearsalDataModule", "RehearsalFeedback", "num_tokens"]
+
+FLOWSamples = Literal["auto", "all", "finetune"]
 
 
 class _ReplayTransformed(Dataset):
@@ -95,6 +98,36 @@ def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
     return max(1, min(totals)), max(1, per_epoch)
 
 
+def _check_sampler_arguments(sampler_kwargs: dict[str, Any], pool_size: int) -> None:
+    """The sampler's own argument checks, at once: builds and discards a sampler over a stand-in pool (zero losses,
+    all prior-correct; the real size only with ``pool_groups``, whose length must match it), so a bad argument fails
+    at construction rather than after the pool statistics pass."""
+    size = pool_size if sampler_kwargs.get("pool_groups") is not None else 1
+    tokens = sampler_kwargs.get("budget") == "tokens"
+    CollateralDamageSampler(
+        1,
+        torch.zeros(size),
+        torch.ones(size, dtype=torch.bool),
+        batch_size=1,
+        schedule_batches=1,
+        pool_lengths=[1] * size if tokens else None,
+        finetune_lengths=[1] if tokens else None,
+        **sampler_kwargs,
+    )
+
+
+def _reference_loader(
+    dataset: Dataset, batch_size: int, collate_fn: Any, num_workers: int, trainer: pl.Trainer | None
+) -> DataLoader:
+    """``dataset`` in order for a reference statistics pass. Under DDP only this rank's shard (a non-shuffling
+    ``DistributedSampler``): :meth:`ReferenceStatistics.compute` all-gathers the shards and keeps every id once, so
+    every rank gets the statistics of the whole dataset for ``1 / world_size`` of the forward passes."""
+    sampler = None
+    if trainer is not None and trainer.world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, num_workers=num_workers)
+
+
 def _consumed_batches(trainer: pl.Trainer | None) -> int | None:
     """The batches of the current epoch whose training step has started (Lightning's own count, also during a
     validation inside the epoch; after a mid-epoch resume it continues from the checkpoint's). None outside a fit."""
@@ -129,9 +162,11 @@ class RehearsalDataModule(pl.LightningDataModule):
             collate function).
         pool: the rehearsal pool (pretraining samples), in the same sample format.
         strategy, replay_ratio, replay_per_step, replay_schedule, num_bins, pool_groups, exclude_prior_incorrect,
-            epsilon, alpha_min, beta, seed: see :class:`~lightning_ft.rehearsal.CollateralDamageSampler`
-            (``pool_groups``, e.g. the pool's labels, bins by reference loss x group; ``replay_schedule``'s progress
-            runs over the fit's batches, from the Trainer's ``max_epochs`` / ``max_steps`` / ``limit_train_batches``).
+            epsilon, alpha_min, alpha_init, beta, shuffle, seed: see
+            :class:`~lightning_ft.rehearsal.CollateralDamageSampler` (``pool_groups``, e.g. the pool's labels, bins by
+            reference loss x group; ``replay_schedule``'s progress runs over the fit's batches, from the Trainer's
+            ``max_epochs`` / ``max_steps`` / ``limit_train_batches``; ``shuffle``: reshuffle the fine-tuning data
+            every epoch). They are checked at construction, by the sampler's own rules.
         budget: ``"samples"`` or ``"tokens"``: what the replay share counts (see
             :class:`~lightning_ft.rehearsal.CollateralDamageSampler`); with ``"tokens"`` every sample's tokens are
             counted once at setup (:func:`num_tokens`: the attention-mask sum of a mapping sample).
@@ -141,7 +176,16 @@ class RehearsalDataModule(pl.LightningDataModule):
         pool_statistics: precomputed statistics of the pool keyed by pool position (``WithSampleIds(pool)`` ids);
             None: computed at setup.
         task: ``"classification"`` or ``"causal_lm"`` for the statistics pass.
-        statistics_batch_size: batch size of that pass.
+        statistics_batch_size: batch size of that pass (under DDP each rank passes its shard of the pool, and every
+            rank gets the gathered statistics).
+        lm_correct_threshold, correct_fn: the pass's correctness predicate (see
+            :meth:`~lightning_ft.rehearsal.ReferenceStatistics.compute`): a causal-LM pool sample is prior-correct when
+            its greedy next-token accuracy reaches ``lm_correct_threshold`` (report ``correct`` in ``training_step``
+            with the same threshold, :func:`~lightning_ft.rehearsal.causal_lm_correct`);
+            ``correct_fn(logits, batch) -> (B,) bool`` replaces the predicate.
+        persistent_workers, prefetch_factor, worker_init_fn, generator: settings of the mixed-batch DataLoader
+            (``torch.utils.data.DataLoader``'s); None: those of the wrapped module's training DataLoader, whose
+            ``num_workers``, ``pin_memory`` and ``collate_fn`` are used too.
 
     Example::
 
@@ -163,21 +207,42 @@ class RehearsalDataModule(pl.LightningDataModule):
         exclude_prior_incorrect: bool = True,
         epsilon: float = 0.05,
         alpha_min: float = 0.01,
+        alpha_init: float = 1.0,
         beta: float = 0.1,
+        shuffle: bool = True,
         seed: int = 0,
         pool_statistics: ReferenceStatistics | None = None,
-        task: str = "classification",
+        task: Task = "classification",
         statistics_batch_size: int = 256,
+        lm_correct_threshold: float = 0.5,
+        correct_fn: Callable[[Tensor, Any], Tensor] | None = None,
         replay_transform: Callable[[Any], Any] | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if len(pool) == 0:  # type: ignore[arg-type]
             raise ValueError("the rehearsal pool is empty: pass the pretraining samples to rehearse.")
         # argument errors now, not after the statistics pass and the token count at fit start
-        CollateralDamageSampler._check_schedule(replay_schedule, replay_per_step, 1)
-        CollateralDamageSampler._check_budget(budget, replay_per_step)
-        if replay_transform is not None and not callable(replay_transform):
-            raise ValueError(f"`replay_transform` must be callable (sample input -> input), got {replay_transform!r}.")
+        if task not in get_args(Task):
+            raise ValueError(f"`task` must be one of {get_args(Task)}, got {task!r}.")
+        check_int("statistics_batch_size", statistics_batch_size)
+        if isinstance(lm_correct_threshold, bool) or not isinstance(lm_correct_threshold, (int, float)):
+            raise ValueError(f"`lm_correct_threshold` must be a number in [0, 1], got {lm_correct_threshold!r}.")
+        if not 0.0 <= lm_correct_threshold <= 1.0:
+            raise ValueError(f"`lm_correct_threshold` must be in [0, 1], got {lm_correct_threshold!r}.")
+        for name, fn in (("correct_fn", correct_fn), ("replay_transform", replay_transform)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"`{name}` must be callable or None, got {fn!r}.")
+        if worker_init_fn is not None and not callable(worker_init_fn):
+            raise ValueError(f"`worker_init_fn` must be callable (worker id -> None) or None, got {worker_init_fn!r}.")
+        if persistent_workers is not None and not isinstance(persistent_workers, bool):
+            raise ValueError(f"`persistent_workers` must be True, False or None, got {persistent_workers!r}.")
+        check_int("prefetch_factor", prefetch_factor, allow_none=True)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
         self.datamodule, self.pool, self.replay_transform = datamodule, pool, replay_transform
         self.sampler_kwargs: dict[str, Any] = {
             "strategy": strategy,
@@ -190,10 +255,21 @@ class RehearsalDataModule(pl.LightningDataModule):
             "exclude_prior_incorrect": exclude_prior_incorrect,
             "epsilon": epsilon,
             "alpha_min": alpha_min,
+            "alpha_init": alpha_init,
             "beta": beta,
+            "shuffle": shuffle,
             "seed": seed,
         }
+        _check_sampler_arguments(self.sampler_kwargs, len(pool))  # type: ignore[arg-type]
         self.pool_statistics, self.task, self.statistics_batch_size = pool_statistics, task, statistics_batch_size
+        self.lm_correct_threshold, self.correct_fn = float(lm_correct_threshold), correct_fn
+        # DataLoader settings of the mixed-batch loader; None: the wrapped module's training DataLoader's
+        self.loader_kwargs: dict[str, Any] = {
+            "persistent_workers": persistent_workers,
+            "prefetch_factor": prefetch_factor,
+            "worker_init_fn": worker_init_fn,
+            "generator": generator,
+        }
         self._given_statistics = pool_statistics is not None
         self.sampler: CollateralDamageSampler | None = None
         self._sampler_key: tuple[Any, ...] | None = None  # what the sampler was built for (a reload may change it)
@@ -256,11 +332,14 @@ class RehearsalDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None:
             raise ValueError("RehearsalDataModule computes the pool statistics from the model being fitted: fit it.")
-        loader = DataLoader(WithSampleIds(self.pool), batch_size=self.statistics_batch_size, collate_fn=collate_fn)
+        # under DDP each rank passes its shard of the pool; compute() gathers the shards on every rank
+        loader = _reference_loader(WithSampleIds(self.pool), self.statistics_batch_size, collate_fn, 0, self.trainer)
         self.pool_statistics = ReferenceStatistics.compute(
             module,  # type: ignore[arg-type]
             loader,
-            task=self.task,
+            task=self.task,  # type: ignore[arg-type]
+            lm_correct_threshold=self.lm_correct_threshold,
+            correct_fn=self.correct_fn,
             trainer=self.trainer,
             desc="rehearsal pool statistics",
         )
@@ -323,12 +402,20 @@ class RehearsalDataModule(pl.LightningDataModule):
                 self._sampler_state, self.restored_sampler = None, True
         pool = self.pool if self.replay_transform is None else _ReplayTransformed(self.pool, self.replay_transform)
         data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(pool, offset=n)])
+        inherited = {
+            "persistent_workers": inner.persistent_workers,
+            "prefetch_factor": inner.prefetch_factor,
+            "worker_init_fn": inner.worker_init_fn,
+            "generator": inner.generator,
+        }
+        loader_kwargs = {key: inherited[key] if value is None else value for key, value in self.loader_kwargs.items()}
         return _RehearsalLoader(
             data,
             batch_sampler=self.sampler,
             collate_fn=inner.collate_fn,
             num_workers=inner.num_workers,
             pin_memory=inner.pin_memory,
+            **loader_kwargs,
         )
 
 
@@ -339,8 +426,11 @@ class RehearsalFeedback(Callback):
     "loss": losses}}`` with one (detached) entry per sample of the batch: ``sample_id`` the ids the
     :class:`RehearsalDataModule` appends, ``correct`` whether the current model got the sample right (from the logits
     it already computed: no extra inference), ``loss`` optional. A rehearsed sample is *forgotten* when the starting
-    model got it right and the current one does not. Under DDP the flags are all-gathered, so every rank's sampler
-    holds the same rates.
+    model got it right and the current one does not. The flags come from ``training_step``'s own forward pass, in train
+    mode (dropout active, batch-norm on batch statistics), not from an eval-mode pass. Under DDP the flags are
+    all-gathered, so every rank's sampler holds the same rates; the sampler's count-weighted update makes them
+    independent of how the observations split into steps and ranks. An epoch that rehearsed pool samples but got no
+    pool sample id back (e.g. ``sample_id`` filled with the labels) raises a warning at its end.
 
     Logs (``pl_module.log``, so they reach ``trainer.callback_metrics`` and can be monitored) ``rehearsal/cd_hit_rate``
     (share of this step's rehearsed samples that were forgotten) and ``rehearsal/replay_loss`` (their mean loss, when
@@ -374,6 +464,8 @@ class RehearsalFeedback(Callback):
         self._sampler: CollateralDamageSampler | None = None
         self._owned = False  # the sampler belongs to a RehearsalDataModule, which checkpoints it
         self._consumed = 0  # batches of the current epoch reported so far
+        # this epoch's rehearsal: batches with pool samples drawn, and pool samples reported back (all-gathered)
+        self._replay_batches = self._observed = 0
 
     def _find_sampler(self, trainer: pl.Trainer) -> CollateralDamageSampler:
         loader = trainer.train_dataloader
@@ -405,6 +497,7 @@ class RehearsalFeedback(Callback):
         )
         if stage == "fit":  # a new fit starts afresh; a checkpoint (restored after setup) brings its state back
             self._pending, self._sampler, self._owned, self._consumed = None, None, False, 0
+            self._replay_batches = self._observed = 0
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -416,6 +509,7 @@ class RehearsalFeedback(Callback):
         sampler = self._attach(trainer)
         sampler.set_epoch(trainer.current_epoch)  # Lightning only sets the epoch on samplers, not batch samplers
         self._consumed = 0
+        self._replay_batches = self._observed = 0
 
     @override
     def on_train_batch_end(
@@ -457,6 +551,13 @@ class RehearsalFeedback(Callback):
         positions = ids_np[replay] - sampler.num_finetune
         forgot = sampler.forgotten(positions, correct.cpu().numpy().astype(bool, copy=False)[replay])
         sampler.update(positions, forgot)
+        # from the batch index and the all-gathered ids: the same on every rank
+        fit_batch = sampler.epoch * (sampler.epoch_batches or len(sampler)) + batch_idx
+        if sampler.budget == "tokens":
+            self._replay_batches += sampler.replay_share(fit_batch) > 0
+        else:
+            self._replay_batches += sampler.replay_count(fit_batch) > 0
+        self._observed += positions.size
         if log and positions.size:  # all-gathered: the same value on every rank, no sync needed
             pl_module.log("rehearsal/cd_hit_rate", float(forgot.mean()), on_step=True, on_epoch=False)
             if losses is not None:
@@ -465,6 +566,14 @@ class RehearsalFeedback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sampler is not None and self._replay_batches and not self._observed:
+            rank_zero_warn(
+                f"RehearsalFeedback: epoch {trainer.current_epoch} rehearsed pool samples in {self._replay_batches}"
+                " batches, but training_step's per_sample['sample_id'] held no pool sample id (ids >="
+                f" {self._sampler.num_finetune}): the feedback did nothing and mix-cd draws at random. Report the"
+                " sample ids the RehearsalDataModule appends to every batch (the last element of a tuple batch, the"
+                " 'sample_id' entry of a mapping), not the labels."
+            )
         if self._sampler is not None and self._sampler.strategy == "mixcd":
             rates = [float(a) for a in self._sampler.alpha]
             metrics = {f"rehearsal/alpha_{k}": a for k, a in enumerate(rates)}
@@ -504,12 +613,22 @@ class FLOWReweighting(Callback):
     resumed weights; a new fit with the same instance computes them afresh. FSDP, DeepSpeed and model-parallel
     strategies are refused at ``setup`` (the pass runs the unwrapped module).
 
+    With rehearsal (FLOW + mix-cd: a :class:`RehearsalDataModule`, or a DataLoader whose batch sampler is a
+    :class:`~lightning_ft.rehearsal.CollateralDamageSampler`), only the fine-tuning samples are weighted by default:
+    the pass covers them alone (``tau`` is their median reference loss) and the rehearsed pool samples keep weight 1
+    (``FLOWWeighting(unweighted_from=num_finetune)``), so ``self.flow_loss(losses, ids)`` over a mixed batch is
+    ``mean(w_i loss_i)`` with ``w_i = 1`` for the replayed samples.
+
     Args:
         tau, level, normalize: see :class:`~lightning_ft.rehearsal.FLOWWeighting` (``tau`` None: the median
             reference loss).
         task: ``"classification"`` or ``"causal_lm"`` (the statistics pass; ``level="token"`` needs
             ``"causal_lm"``).
         batch_size: batch size of the pass; None: the training DataLoader's (256 when it has a batch sampler).
+        samples: which training samples FLOW weights: ``"finetune"``: the fine-tuning samples of a rehearsal loader
+            (rehearsed pool samples get weight 1; needs a ``CollateralDamageSampler`` batch sampler); ``"all"``: every
+            sample of the training DataLoader (pool samples too); ``"auto"``: ``"finetune"`` on a rehearsal loader,
+            else ``"all"``.
 
     Example::
 
@@ -532,8 +651,11 @@ class FLOWReweighting(Callback):
         normalize: Normalize = "none",
         task: Task = "classification",
         batch_size: int | None = None,
+        samples: FLOWSamples = "auto",
     ) -> None:
         super().__init__()
+        if samples not in get_args(FLOWSamples):
+            raise ValueError(f"`samples` must be one of {get_args(FLOWSamples)}, got {samples!r}.")
         if tau is not None and not (isinstance(tau, (int, float)) and tau > 0):
             raise ValueError(f"`tau` must be > 0 or None (the median reference loss), got {tau!r}.")
         if level not in ("sequence", "token"):
@@ -546,6 +668,7 @@ class FLOWReweighting(Callback):
             raise ValueError("level='token' weights the tokens of a causal LM: set task='causal_lm'.")
         check_int("batch_size", batch_size, allow_none=True)
         self.tau, self.level, self.normalize, self.task, self.batch_size = tau, level, normalize, task, batch_size
+        self.samples = samples
         self.statistics: ReferenceStatistics | None = None
 
     @override
@@ -554,25 +677,34 @@ class FLOWReweighting(Callback):
         if stage == "fit":  # a new fit: its own starting model and data (a checkpoint, restored after setup, keeps its)
             self.statistics = None
 
-    def _loader(self, trainer: pl.Trainer) -> DataLoader:
+    def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
         if not isinstance(loader, DataLoader):
             raise ValueError(
                 "FLOWReweighting reads the training set from the fit's single training DataLoader; for other setups"
                 " compute ReferenceStatistics yourself and set `module.flow_weighting = FLOWWeighting(statistics)`."
             )
-        sampler = None
-        if trainer.world_size > 1:  # each rank passes its shard; compute() gathers them
-            sampler = DistributedSampler(
-                loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        return loader
+
+    def _num_finetune(self, loader: DataLoader) -> int | None:
+        """The fine-tuning samples of a rehearsal loader when only they are weighted (ids ``0 .. n - 1``, the
+        rehearsed pool samples after them), None when every sample is."""
+        sampler = loader.batch_sampler
+        if self.samples == "all" or (self.samples == "auto" and not isinstance(sampler, CollateralDamageSampler)):
+            return None
+        if not isinstance(sampler, CollateralDamageSampler):
+            raise ValueError(
+                "FLOWReweighting(samples='finetune') weights the fine-tuning samples of a rehearsal loader, but the"
+                f" training DataLoader's batch sampler is a {type(sampler).__name__}: train on a RehearsalDataModule"
+                " (or a DataLoader with batch_sampler=CollateralDamageSampler(...)), or use samples='all'."
             )
-        return DataLoader(
-            loader.dataset,
-            batch_size=self.batch_size or loader.batch_size or 256,
-            sampler=sampler,
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-        )
+        return sampler.num_finetune
+
+    def _loader(self, trainer: pl.Trainer, loader: DataLoader, num_finetune: int | None) -> DataLoader:
+        dataset = loader.dataset if num_finetune is None else Subset(loader.dataset, range(num_finetune))
+        batch_size = self.batch_size or loader.batch_size or 256
+        # under DDP each rank passes its shard; compute() gathers them
+        return _reference_loader(dataset, batch_size, loader.collate_fn, loader.num_workers, trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -582,16 +714,18 @@ class FLOWReweighting(Callback):
                 " add the mixin (class MyModule(FLOWWeightedLoss, pl.LightningModule)) and return"
                 " self.flow_loss(per_sample_losses, sample_ids) from training_step."
             )
+        loader = self._train_loader(trainer)
+        num_finetune = self._num_finetune(loader)
         if self.statistics is None:  # a resumed fit has them from the checkpoint
             self.statistics = ReferenceStatistics.compute(
                 pl_module,
-                self._loader(trainer),
+                self._loader(trainer, loader, num_finetune),
                 task=self.task,
                 store_token_nll=self.level == "token",
                 trainer=trainer,
                 desc="FLOW reference statistics",
             )
-        weighting = FLOWWeighting(self.statistics, self.tau, self.level, self.normalize)
+        weighting = FLOWWeighting(self.statistics, self.tau, self.level, self.normalize, unweighted_from=num_finetune)
         pl_module.flow_weighting = weighting
         log_scalars(trainer, {"flow/tau": weighting.tau, "flow/mean_weight": float(weighting.weights.nanmean())})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lightning_ft.rehearsal.functional import (
@@ -37,6 +38,10 @@ class FLOWWeighting:
         level: ``"sequence"`` (one weight per sample) or ``"token"`` (causal LMs: ``w_t = exp(-nll_t / tau)``).
         normalize: ``"none"`` (paper and code: the effective learning rate shrinks by the mean weight) or
             ``"mean1"`` (weights divided by their mean).
+        unweighted_from: sample ids from this one on keep weight 1 and need no statistics: the rehearsed pool
+            samples of a :class:`~lightning_ft.rehearsal.RehearsalDataModule` (whose ids follow the fine-tuning
+            set's: pass its number of fine-tuning samples), for FLOW on the fine-tuning samples only. None: every
+            sample is weighted.
 
     Example::
 
@@ -54,7 +59,12 @@ class FLOWWeighting:
         tau: float | None = None,
         level: Level = "sequence",
         normalize: Normalize = "none",
+        unweighted_from: int | None = None,
     ) -> None:
+        if unweighted_from is not None and (
+            isinstance(unweighted_from, bool) or not isinstance(unweighted_from, int) or unweighted_from < 0
+        ):
+            raise ValueError(f"`unweighted_from` must be an integer >= 0 or None, got {unweighted_from!r}.")
         if level not in ("sequence", "token"):
             raise ValueError(f'`level` must be "sequence" or "token", got {level!r}.')
         if level == "token" and statistics.token_nll is None:
@@ -63,14 +73,23 @@ class FLOWWeighting:
                 " task='causal_lm', store_token_nll=True."
             )
         self.statistics, self.level, self.normalize = statistics, level, normalize
+        self.unweighted_from = unweighted_from
         ref = statistics.loss if level == "sequence" else statistics.token_nll
         assert ref is not None
         self.tau = flow_temperature(ref) if tau is None else float(tau)
         self.weights = flow_weights(ref, self.tau, normalize)  # (N,) or (N, T - 1); NaN (unsupervised) -> 0
 
     def weights_for(self, sample_ids: Tensor) -> Tensor:
-        """The weights of a batch's samples, on the ids' device: ``(B,)`` or ``(B, T - 1)``."""
-        return self.weights[self.statistics.positions(sample_ids)].to(sample_ids.device)
+        """The weights of a batch's samples, on the ids' device: ``(B,)`` or ``(B, T - 1)``; 1 for ids from
+        ``unweighted_from`` on."""
+        if self.unweighted_from is None:
+            return self.weights[self.statistics.positions(sample_ids)].to(sample_ids.device)
+        ids = torch.as_tensor(sample_ids)
+        weighted = (ids < self.unweighted_from).cpu()
+        out = self.weights.new_ones((ids.shape[0], *self.weights.shape[1:]))
+        if bool(weighted.any()):
+            out[weighted] = self.weights[self.statistics.positions(ids.cpu()[weighted])]
+        return out.to(ids.device)
 
     def loss(self, per_sample_loss: Tensor, sample_ids: Tensor) -> Tensor:
         """Sequence level: ``mean(w_i * loss_i)`` over the batch."""
@@ -90,7 +109,8 @@ class FLOWWeighting:
 
     def __repr__(self) -> str:
         n = len(self.statistics)
-        return f"FLOWWeighting(level={self.level!r}, tau={self.tau:.4g}, normalize={self.normalize!r}, n={n})"
+        extra = "" if self.unweighted_from is None else f", unweighted_from={self.unweighted_from}"
+        return f"FLOWWeighting(level={self.level!r}, tau={self.tau:.4g}, normalize={self.normalize!r}, n={n}{extra})"
 
 
 class FLOWWeightedLoss:

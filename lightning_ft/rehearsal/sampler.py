@@ -77,17 +77,22 @@ class CollateralDamageSampler(Sampler[list[int]]):
       (prior-incorrect samples can never be collateral damage: excluded, or their own bin). Bin ``k`` is drawn with
       probability ``pi_k = (1 - epsilon) * |B_k| max(alpha_k, alpha_min) / Z + epsilon * |B_k| / M`` and a sample
       uniformly (with replacement) inside it; ``alpha_k``, the bin's collateral-damage rate, starts at
-      ``alpha_init`` (so early draws are uniform) and follows an exponential moving average (``beta``) of the
-      forgotten share of the bin's rehearsed samples reported to :meth:`update`. With ``pool_groups`` (e.g. the
-      pool's class labels) every group is binned on its own, giving up to ``groups x num_bins`` bins (reference loss
-      x class): a class the fine-tuning damages more is then found and rehearsed more.
+      ``alpha_init`` (so early draws are uniform) and follows a count-weighted exponential moving average of the
+      forgotten share of the bin's rehearsed samples reported to :meth:`update` (``beta`` per observation: a bin
+      seen ``n`` times at share ``rate`` moves to ``(1 - beta)^n alpha + (1 - (1 - beta)^n) rate``). With
+      ``pool_groups`` (e.g. the pool's class labels) every group is binned on its own, giving up to
+      ``groups x num_bins`` bins (reference loss x class): a class the fine-tuning damages more is then found and
+      rehearsed more.
     * ``"random"``: uniform over the pool. ``"random_prior_correct"``: uniform over prior-correct samples.
       ``"loss_priority"``: the highest reference losses first, cycling through the pool in that order.
 
     ``replay_schedule`` changes the replay share during training: piecewise-linear points ``(progress, ratio)`` with
     progress in [0, 1] the share of ``schedule_batches`` drawn so far (``epoch * epoch_batches + batch``), e.g.
-    ``[(0.0, 0.25), (1.0, 0.05)]`` decays the share from 25% to 5% of each batch. The count of a batch follows from
-    its index alone, so every rank, and a resumed run, draws the same count.
+    ``[(0.0, 0.25), (1.0, 0.05)]`` decays the share from 25% to 5% of each batch. With a ratio (constant or
+    scheduled) the fractional counts carry over: the first ``n`` batches of the fit rehearse ``round(E(n))`` pool
+    samples, ``E(n)`` the sum of the batches' ``batch_size * share / (1 - share)`` (:meth:`replay_count`), so small
+    batches keep their share (batch 4 at 10%: 4 pool samples every 9 batches, not none). The count of a
+    batch follows from its index alone, so every rank, and a resumed run, draws the same count.
 
     Under DDP every rank builds the sampler with its ``rank`` and ``world_size`` (set
     ``Trainer(use_distributed_sampler=False)``): the fine-tuning indices are shuffled identically on every rank
@@ -127,7 +132,7 @@ class CollateralDamageSampler(Sampler[list[int]]):
         epsilon: share of uniform (by bin size) exploration in ``pi``, in [0, 1].
         alpha_min: floor of the rates in ``pi`` (no bin starves), >= 0.
         alpha_init: starting rate of every bin, in [0, 1].
-        beta: EMA weight of a new observation, in (0, 1].
+        beta: EMA weight of one observation, in (0, 1] (count-weighted: see :meth:`update`).
         shuffle: shuffle the fine-tuning indices every epoch.
         drop_last: drop this rank's last incomplete fine-tuning batch.
         seed: seed of the shuffles and draws.
@@ -203,6 +208,9 @@ class CollateralDamageSampler(Sampler[list[int]]):
         self.num_finetune, self.batch_size, self.strategy = num_finetune, batch_size, strategy
         check_int("epoch_batches", epoch_batches, allow_none=True)
         self.replay_schedule, self.schedule_batches, self.epoch_batches = schedule, schedule_batches, epoch_batches
+        self._per_step = replay_per_step
+        self._cumulative: np.ndarray | None = None  # expected pool samples of the schedule's first n batches
+        # the count of one batch, rounded (the default of draw()); with a ratio, replay_count(b) carries the fractions
         if replay_per_step is not None:
             self.replay = replay_per_step
         else:
@@ -287,7 +295,11 @@ class CollateralDamageSampler(Sampler[list[int]]):
             )
 
     def _count(self, ratio: float) -> int:
-        return round(self.batch_size * ratio / (1.0 - ratio))
+        return round(self._expected(ratio))
+
+    def _expected(self, ratio: float) -> float:
+        """The expected pool samples next to ``batch_size`` fine-tuning ones at replay share ``ratio``."""
+        return self.batch_size * ratio / (1.0 - ratio)
 
     def replay_share(self, batch: int) -> float:
         """The replay share ``r / (b + r)`` of the fit's ``batch``-th batch (``epoch * epoch_batches + index``)."""
@@ -304,9 +316,48 @@ class CollateralDamageSampler(Sampler[list[int]]):
         (p0, r0), (p1, r1) = points[i - 1], points[i]
         return r0 + (r1 - r0) * (progress - p0) / (p1 - p0)
 
+    def _shares(self) -> np.ndarray:
+        """:meth:`replay_share` of every batch of the schedule, vectorised (the same arithmetic)."""
+        assert self.replay_schedule is not None and self.schedule_batches is not None
+        progress = np.minimum(np.arange(self.schedule_batches, dtype=np.float64) / self.schedule_batches, 1.0)
+        ps = np.array([p for p, _ in self.replay_schedule])
+        rs = np.array([r for _, r in self.replay_schedule])
+        if len(ps) == 1:
+            return np.full(progress.shape, rs[0])
+        i = np.searchsorted(ps, progress, side="right")  # bisect_right
+        inner = np.clip(i, 1, len(ps) - 1)
+        p0, p1, r0, r1 = ps[inner - 1], ps[inner], rs[inner - 1], rs[inner]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = r0 + (r1 - r0) * (progress - p0) / (p1 - p0)
+        return np.where(i == 0, rs[0], np.where(i == len(ps), rs[-1], shares))
+
+    def expected_replay(self, batches: int) -> float:
+        """The expected pool samples of the fit's first ``batches`` batches (a ratio: the sum of every batch's
+        ``batch_size * share / (1 - share)``; ``replay_per_step``: ``batches * replay_per_step``)."""
+        if self._per_step is not None:
+            return float(batches * self._per_step)
+        if self.replay_schedule is None:
+            return batches * self._expected(self.replay_ratio)
+        assert self.schedule_batches is not None
+        if self._cumulative is None:  # the schedule's running sum, once: the share is constant past its end
+            self._cumulative = np.concatenate([[0.0], np.cumsum(self._expected(self._shares()))])
+        past = max(batches - self.schedule_batches, 0)
+        cumulative = self._cumulative[min(batches, self.schedule_batches)]
+        return float(cumulative + past * self._expected(self.replay_share(self.schedule_batches)))
+
     def replay_count(self, batch: int) -> int:
-        """Pool samples in the fit's ``batch``-th batch (``budget="samples"``)."""
-        return self.replay if self.replay_schedule is None else self._count(self.replay_share(batch))
+        """Pool samples in the fit's ``batch``-th batch (``budget="samples"``).
+
+        ``replay_per_step``: that number. A ratio (``replay_ratio`` or ``replay_schedule``): the fractional expected
+        counts carry over from batch to batch, ``round(E(batch + 1)) - round(E(batch))`` with ``E(n)`` the expected
+        pool samples of the first ``n`` batches (:meth:`expected_replay`, rounded half up), so the fit's first ``n``
+        batches rehearse ``round(E(n))`` samples (within half a sample of the ratio, e.g. 4 pool samples every 9
+        batches of 4 at ratio 0.1) and the count depends on the batch index alone (every rank, and a resumed fit,
+        draws the same counts).
+        """
+        if self._per_step is not None:
+            return self._per_step
+        return math.floor(self.expected_replay(batch + 1) + 0.5) - math.floor(self.expected_replay(batch) + 0.5)
 
     # ----------------------------------------------------------------------------------------------------- bins
     def _build_bins(self, num_bins: int, exclude_prior_incorrect: bool) -> None:
@@ -420,7 +471,13 @@ class CollateralDamageSampler(Sampler[list[int]]):
     def update(self, pool_positions: Tensor | np.ndarray, forgot: Tensor | np.ndarray) -> None:
         """Record which rehearsed pool samples were forgotten (prior-correct and now wrong) in the training pass.
 
-        Call it with the same (all-gathered) values on every rank. Bins without an observation keep their rate.
+        Call it with the same (all-gathered) values on every rank. Bins without an observation keep their rate. A bin
+        observed ``n`` times with forgotten share ``rate`` moves by a count-weighted EMA step,
+        ``alpha <- (1 - beta)^n * alpha + (1 - (1 - beta)^n) * rate``: the same as ``n`` single-sample updates with
+        that share each (and, averaged over the order of the outcomes, as ``n`` single-sample updates of the outcomes
+        themselves), so splitting the same observations into more steps or over more ranks (world size, replay count)
+        changes the rates only through the order of the outcomes, and not at all where a bin's outcomes agree;
+        ``beta`` is the weight of one observation.
         """
         positions = _host(pool_positions).astype(np.int64, copy=False).ravel()
         flags = _host(forgot).astype(bool, copy=False).ravel()
@@ -437,8 +494,11 @@ class CollateralDamageSampler(Sampler[list[int]]):
         total_seen += seen
         total_forgot += hits
         observed = seen > 0
-        rate = hits[observed].astype(np.float32) / seen[observed].astype(np.float32)
-        alpha[observed] = np.float32(1 - self.beta) * alpha[observed] + np.float32(self.beta) * rate
+        n = seen[observed]
+        rate = hits[observed] / n
+        # count-weighted: a bin seen n times moves as n single-sample updates with its mean forgotten share would
+        keep = (1.0 - self.beta) ** n
+        alpha[observed] = (keep * alpha[observed] + (1.0 - keep) * rate).astype(np.float32)
         self._probabilities = None
 
     def forgotten(self, pool_positions: np.ndarray, correct: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -32,20 +34,31 @@ def replay_counts(sampler: CollateralDamageSampler) -> list[int]:
     return [sum(i >= sampler.num_finetune for i in batch) for batch in sampler]
 
 
+def carried(shares: list[float], batch_size: int, first: int = 0) -> list[int]:
+    """Per-batch pool counts at these shares with the fractions carried over (issue 12): the first n batches hold
+    round(E(n)) pool samples, E(n) the sum of batch_size * share / (1 - share); the counts of batches ``first`` on."""
+    total, rounded, counts = 0.0, 0, []
+    for share in shares:
+        total += batch_size * share / (1 - share)
+        counts.append(math.floor(total + 0.5) - rounded)
+        rounded = math.floor(total + 0.5)
+    return counts[first:]
+
+
 def test_schedule_interpolates_the_share_over_the_fit_and_holds_after_the_end():
     sampler = schedule_sampler()
     first = replay_counts(sampler)
-    # progress b / 20, share 0.5 (1 - progress): count = round(10 * share / (1 - share))
-    expected = [round(10 * (0.5 - b / 40) / (0.5 + b / 40)) for b in range(10)]
-    assert first == expected and first[0] == 10 and first[-1] == 4
+    # progress b / 20, share 0.5 (1 - progress): 10 * share / (1 - share) pool samples expected, fractions carried
+    shares = [0.5 - b / 40 for b in range(20)]
+    assert first == carried(shares, 10)[:10] and first[0] == 10 and first[-1] == 4
     sampler.set_epoch(1)
     second = replay_counts(sampler)
-    assert second == [round(10 * (0.5 - b / 40) / (0.5 + b / 40)) for b in range(10, 20)] and second[-1] == 0
+    assert second == carried(shares, 10)[10:] and second[-1] == 0
     sampler.set_epoch(5)  # past the end: the last point's share
     assert replay_counts(sampler) == [0] * 10
     # a point after 0 holds its share before it; several points are piecewise linear
     held = schedule_sampler(replay_schedule=[(0.5, 0.2), (0.75, 0.5), (1.0, 0.5)])
-    assert [held.replay_count(b) for b in (0, 5, 10, 15, 20, 40)] == [2, 2, 2, 10, 10, 10]
+    assert [held.replay_count(b) for b in (0, 1, 2, 3, 15, 20, 40)] == [3, 2, 3, 2, 10, 10, 10]  # 2.5 per batch
     assert held.replay == 2
 
 
@@ -97,14 +110,13 @@ def test_datamodule_schedule_runs_over_the_whole_fit():
     data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
     record = fit(data, max_epochs=2)
     assert data.sampler is not None and data.sampler.schedule_batches == 16  # 2 epochs x 8 batches
-    assert record.replay_counts == [round(16 * (0.5 - b / 32) / (0.5 + b / 32)) for b in range(16)]
-    assert record.replay_counts[0] == 16 and record.replay_counts[-1] == 1
+    assert record.replay_counts == carried([0.5 - b / 32 for b in range(16)], 16)
+    assert record.replay_counts[0] == 16 and record.replay_counts[-1] == 0
     # max_steps shorter than max_epochs sets the length (in batches: steps x accumulation)
     data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
     record = fit(data, max_epochs=2, max_steps=3, accumulate_grad_batches=2)
-    assert data.sampler.schedule_batches == 6 and record.replay_counts == [
-        round(16 * (6 - b) / (6 + b)) for b in range(6)
-    ]
+    assert data.sampler.schedule_batches == 6
+    assert record.replay_counts == carried([0.5 - b / 12 for b in range(6)], 16)
 
 
 def test_schedule_and_shuffle_advance_without_feedback():
@@ -112,7 +124,7 @@ def test_schedule_and_shuffle_advance_without_feedback():
     data = rehearsal_datamodule(strategy="random", replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
     record = fit(data, feedback=False, max_epochs=2)
     assert data.sampler.epoch == 1
-    assert record.replay_counts == [round(16 * (0.5 - b / 32) / (0.5 + b / 32)) for b in range(16)]
+    assert record.replay_counts == carried([0.5 - b / 32 for b in range(16)], 16)
 
 
 def test_max_steps_with_a_short_last_accumulation():
@@ -120,14 +132,14 @@ def test_max_steps_with_a_short_last_accumulation():
     data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
     record = fit(data, max_epochs=5, max_steps=6, accumulate_grad_batches=3)
     assert data.sampler.schedule_batches == 16 == len(record.replay_counts)
-    assert record.replay_counts[-1] == round(16 * (16 - 15) / (16 + 15))
+    assert record.replay_counts == carried([0.5 - b / 32 for b in range(16)], 16)
 
 
 def test_datamodule_schedule_follows_limit_train_batches():
     data = rehearsal_datamodule(replay_per_step=None, replay_schedule=[[0.0, 0.5], [1.0, 0.0]])
     record = fit(data, max_epochs=3, limit_train_batches=2)  # 2 of 8 batches per epoch: 6 in the fit
     assert data.sampler.schedule_batches == 6 and data.sampler.epoch_batches == 2
-    assert record.replay_counts == [round(16 * (6 - b) / (6 + b)) for b in range(6)]
+    assert record.replay_counts == carried([0.5 - b / 12 for b in range(6)], 16)
 
 
 def test_datamodule_schedule_needs_an_end():

@@ -164,3 +164,31 @@ def test_ddp_token_budget_ranks_agree(tmp_path):
     assert 0 < r0["forgot"] < r0["seen"], (
         "mixed flags: a misaligned gather of ids and flags would split the ranks' rates"
     )
+    # the pool statistics pass was sharded: each rank forwarded its half of the 40 pool chunks, and the gathered
+    # statistics are the same on both ranks and equal to a 1-process pass over the whole pool
+    assert r0["statistics_rows"] == r1["statistics_rows"] == 20
+    script = _load_script("ddp_rehearsal_tokens")
+    pool = WithSampleIds(script.pool())
+    single = ReferenceStatistics.compute(
+        script.start_module(),
+        DataLoader(pool, batch_size=8, collate_fn=pad_collate),
+        "causal_lm",
+        lm_correct_threshold=0.0,
+    )
+    for key in ("pool_ids", "pool_loss", "pool_correct"):
+        assert r0[key] == r1[key], f"ranks differ on {key}"
+    assert r0["pool_ids"] == single.sample_ids.tolist() == list(range(40))
+    assert r0["pool_correct"] == single.correct.tolist()
+    torch.testing.assert_close(torch.tensor(r0["pool_loss"]), single.loss, rtol=1e-5, atol=1e-6)
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    from tests.helpers.ddp import SCRIPTS
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
