@@ -17,6 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_bar_chart, log_scalars
+from lightning_ft._internal.resume import check_resumed_arguments
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting, Level
@@ -568,8 +569,9 @@ class RehearsalFeedback(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sampler is not None and self._replay_batches and not self._observed:
             rank_zero_warn(
-                f"RehearsalFeedback: epoch {trainer.current_epoch} rehearsed pool samples in {self._replay_batches}"
-                " batches, but training_step's per_sample['sample_id'] held no pool sample id (ids >="
+                # no epoch or count in the text: Python shows one warning per message, not one per epoch
+                "RehearsalFeedback: an epoch rehearsed pool samples, but training_step's per_sample['sample_id']"
+                " held no pool sample id (ids >="
                 f" {self._sampler.num_finetune}): the feedback did nothing and mix-cd draws at random. Report the"
                 " sample ids the RehearsalDataModule appends to every batch (the last element of a tuple batch, the"
                 " 'sample_id' entry of a mapping), not the labels."
@@ -670,12 +672,14 @@ class FLOWReweighting(Callback):
         self.tau, self.level, self.normalize, self.task, self.batch_size = tau, level, normalize, task, batch_size
         self.samples = samples
         self.statistics: ReferenceStatistics | None = None
+        # the first sample id weighted 1 when the statistics were computed (None: all weighted; "unknown": not recorded)
+        self._unweighted_from: int | str | None = "unknown"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "FLOWReweighting", "runs its reference pass through the unwrapped module")
         if stage == "fit":  # a new fit: its own starting model and data (a checkpoint, restored after setup, keeps its)
-            self.statistics = None
+            self.statistics, self._unweighted_from = None, "unknown"
 
     def _train_loader(self, trainer: pl.Trainer) -> DataLoader:
         loader = trainer.train_dataloader
@@ -716,7 +720,14 @@ class FLOWReweighting(Callback):
             )
         loader = self._train_loader(trainer)
         num_finetune = self._num_finetune(loader)
-        if self.statistics is None:  # a resumed fit has them from the checkpoint
+        if self.statistics is not None:  # a resumed fit has them from the checkpoint: for the same weighted samples
+            check_resumed_arguments(
+                self,
+                {"unweighted_from": self._unweighted_from} if self._unweighted_from != "unknown" else None,
+                {"unweighted_from": num_finetune},
+                "its statistics cover other samples (fine-tuning only, or fine-tuning and pool)",
+            )
+        else:
             self.statistics = ReferenceStatistics.compute(
                 pl_module,
                 self._loader(trainer, loader, num_finetune),
@@ -726,6 +737,7 @@ class FLOWReweighting(Callback):
                 desc="FLOW reference statistics",
             )
         weighting = FLOWWeighting(self.statistics, self.tau, self.level, self.normalize, unweighted_from=num_finetune)
+        self._unweighted_from = num_finetune
         pl_module.flow_weighting = weighting
         log_scalars(trainer, {"flow/tau": weighting.tau, "flow/mean_weight": float(weighting.weights.nanmean())})
 
@@ -735,10 +747,13 @@ class FLOWReweighting(Callback):
             return {}
         stats = self.statistics
         state = {"sample_ids": stats.sample_ids, "loss": stats.loss, "correct": stats.correct}
+        if self._unweighted_from != "unknown":  # the first id weighted 1 (None: every sample FLOW-weighted)
+            state["unweighted_from"] = self._unweighted_from
         return state if stats.token_nll is None else {**state, "token_nll": stats.token_nll}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._unweighted_from = state_dict.get("unweighted_from", "unknown")  # older checkpoints: unknown
         if "loss" in state_dict:
             self.statistics = ReferenceStatistics(
                 state_dict["sample_ids"], state_dict["loss"], state_dict["correct"], state_dict.get("token_nll")

@@ -136,3 +136,25 @@ def test_demo_flow_mixcd_equals_its_former_manual_set_up(monkeypatch):
     for new, old in zip(evaluated[0].parameters(), former.parameters(), strict=True):
         torch.testing.assert_close(new, old, rtol=0, atol=1e-6)
     assert not torch.equal(next(former.parameters()), state[next(iter(state))]), "the fit trained"
+
+
+def test_resuming_with_other_weighted_samples_is_refused(tmp_path):
+    """A checkpoint's statistics cover the samples it weighted: resuming a samples='all' fit with the default 'auto'
+    (fine-tuning samples only) would silently change the pool samples' weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(samples: str, ckpt: str | None = None, **kwargs: Any) -> None:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+        callbacks = [RehearsalFeedback(), FLOWReweighting(samples=samples), checkpoint]
+        trainer = quiet_trainer(
+            callbacks=callbacks,
+            use_distributed_sampler=False,
+            enable_checkpointing=True,
+            limit_train_batches=2,
+            **kwargs,
+        )
+        trainer.fit(tiny_mlp_classifier(), rehearsal_datamodule(), ckpt_path=ckpt)
+
+    fit("all", max_epochs=1)
+    with pytest.raises(ValueError, match="unweighted_from=None -> 128"):
+        fit("auto", max_epochs=2, ckpt=str(tmp_path / "last.ckpt"))

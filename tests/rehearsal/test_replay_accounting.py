@@ -37,7 +37,7 @@ def counts(s: CollateralDamageSampler) -> list[int]:
 @pytest.mark.parametrize("batch_size", [1, 2, 4, 8])
 @pytest.mark.parametrize("ratio", [0.05, 0.1, 0.12])
 def test_small_batches_keep_the_replay_share(batch_size, ratio):
-    """Rounded per batch, batch 4 at 10% rehearsed nothing and batch 4 at 12% a quarter of every batch."""
+    """Rounded per batch, batch 4 at 10% rehearsed nothing, and batch 4 at 12% one sample per batch (a 20% share)."""
     s = sampler(batch_size, replay_ratio=ratio)
     realised = counts(s)
     s.set_epoch(1)
