@@ -78,12 +78,18 @@ def num_tokens(sample: Any) -> int:
     )
 
 
-def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
-    """The sampler batches of the whole fit (a replay schedule runs over them) and of one epoch, from the Trainer's
-    limits."""
+def _epoch_batches(trainer: pl.Trainer, per_epoch: int) -> int:
+    """The sampler batches one epoch of the fit consumes: ``per_epoch`` under the Trainer's ``limit_train_batches``."""
     limit = trainer.limit_train_batches
     if limit is not None:
         per_epoch = min(per_epoch, int(limit)) if isinstance(limit, int) else int(per_epoch * float(limit))
+    return max(1, per_epoch)
+
+
+def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
+    """The sampler batches of the whole fit (a replay schedule runs over them) and of one epoch, from the Trainer's
+    limits."""
+    per_epoch = _epoch_batches(trainer, per_epoch)
     totals = []
     if trainer.max_epochs is not None and trainer.max_epochs >= 0:
         totals.append(trainer.max_epochs * per_epoch)
@@ -364,10 +370,12 @@ class RehearsalDataModule(pl.LightningDataModule):
         finetune = inner.dataset
         n = len(finetune)  # type: ignore[arg-type]
         schedule_batches = epoch_batches = None
+        per_epoch = CollateralDamageSampler.num_batches(n, inner.batch_size, world_size, inner.drop_last)
+        if trainer is not None:  # the batches an epoch consumes (limit_train_batches): the carried counts' index
+            epoch_batches = _epoch_batches(trainer, per_epoch)
         if self.sampler_kwargs["replay_schedule"] is not None:
             if trainer is None:
                 raise ValueError("`replay_schedule` runs over the fit's batches: use the data module in a Trainer.")
-            per_epoch = CollateralDamageSampler.num_batches(n, inner.batch_size, world_size, inner.drop_last)
             schedule_batches, epoch_batches = _schedule_batches(trainer, per_epoch)
         lengths: dict[str, list[int]] = {}
         if self.sampler_kwargs["budget"] == "tokens":

@@ -157,3 +157,15 @@ def test_no_warning_with_real_ids_or_without_replay(labels):
         # real ids: observations arrive; labels but nothing rehearsed (replay 0): nothing to observe
         _fit(module(arch="mlp", width=4, lr=0.05), replay_per_step=0 if labels else 4)
     assert not [w for w in caught if "no pool sample id" in str(w.message)]
+
+
+def test_the_carried_counts_index_the_batches_a_limited_epoch_consumes():
+    """With limit_train_batches the fit's batch index counts the consumed batches (not the sampler's full epoch), so
+    the first n batches of the fit rehearse round(E(n)) samples across epochs, schedule or not."""
+    from tests.helpers.data import rehearsal_datamodule
+    from tests.helpers.models import tiny_mlp_classifier
+    from tests.helpers.resume import quiet_trainer
+
+    data = rehearsal_datamodule(replay_per_step=None, replay_ratio=0.1)
+    quiet_trainer(max_epochs=2, limit_train_batches=3, use_distributed_sampler=False).fit(tiny_mlp_classifier(), data)
+    assert data.sampler.epoch_batches == 3
