@@ -22,7 +22,7 @@ from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting, Level
 from lightning_ft.rehearsal.functional import Normalize
-from lightning_ft.rehearsal.sampler import Budget, CollateralDamageSampler, Strategy
+from lightning_ft.rehearsal.sampler import _HISTORY, Budget, CollateralDamageSampler, Strategy
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, Task, WithSampleIds
 
 __all__ = ["FLOWReweighting", "RehearsalDataModule", "RehearsalFeedback", "num_tokens"]
@@ -353,6 +353,29 @@ class RehearsalDataModule(pl.LightningDataModule):
         return self.pool_statistics
 
     @override
+    def _loader_kwargs(self, inner: DataLoader) -> dict[str, Any]:
+        """The mixed-batch DataLoader's worker settings: this module's, else the wrapped loader's; checked here."""
+        inherited = {
+            "persistent_workers": inner.persistent_workers,
+            "prefetch_factor": inner.prefetch_factor,
+            "worker_init_fn": inner.worker_init_fn,
+            "generator": inner.generator,
+        }
+        kwargs = {key: inherited[key] if value is None else value for key, value in self.loader_kwargs.items()}
+        if inner.num_workers == 0 and (kwargs["persistent_workers"] or self.loader_kwargs["prefetch_factor"]):
+            raise ValueError(
+                "RehearsalDataModule: `persistent_workers` and `prefetch_factor` need loader workers, but the wrapped"
+                " train_dataloader() has num_workers=0; give it workers or leave both unset."
+            )
+        ahead = inner.num_workers * (kwargs["prefetch_factor"] or 2)
+        if ahead > _HISTORY:
+            raise ValueError(
+                f"RehearsalDataModule: {inner.num_workers} workers x prefetch_factor {kwargs['prefetch_factor'] or 2}"
+                f" read {ahead} batches ahead, more than the {_HISTORY} the sampler can draw again after a"
+                " mid-epoch resume: use fewer workers or a smaller prefetch_factor."
+            )
+        return kwargs
+
     def train_dataloader(self) -> DataLoader:
         inner = self.datamodule.train_dataloader()
         if not isinstance(inner, DataLoader) or inner.batch_size is None:
@@ -367,6 +390,7 @@ class RehearsalDataModule(pl.LightningDataModule):
                 "RehearsalDataModule shards the fine-tuning data itself: create the Trainer with"
                 " use_distributed_sampler=False."
             )
+        loader_kwargs = self._loader_kwargs(inner)  # before the pool statistics pass: bad settings fail first
         finetune = inner.dataset
         n = len(finetune)  # type: ignore[arg-type]
         schedule_batches = epoch_batches = None
@@ -411,13 +435,6 @@ class RehearsalDataModule(pl.LightningDataModule):
                 self._sampler_state, self.restored_sampler = None, True
         pool = self.pool if self.replay_transform is None else _ReplayTransformed(self.pool, self.replay_transform)
         data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(pool, offset=n)])
-        inherited = {
-            "persistent_workers": inner.persistent_workers,
-            "prefetch_factor": inner.prefetch_factor,
-            "worker_init_fn": inner.worker_init_fn,
-            "generator": inner.generator,
-        }
-        loader_kwargs = {key: inherited[key] if value is None else value for key, value in self.loader_kwargs.items()}
         return _RehearsalLoader(
             data,
             batch_sampler=self.sampler,

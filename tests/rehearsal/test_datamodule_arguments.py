@@ -150,3 +150,22 @@ def test_the_statistics_loader_passes_only_this_ranks_shard():
         for r in range(2)
     ]
     assert shards == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 0]]  # DistributedSampler's padding: compute() dedups it
+
+
+@pytest.mark.parametrize(
+    ("loader", "kwargs", "match"),
+    [
+        ({}, {"persistent_workers": True}, "need loader workers"),
+        ({}, {"prefetch_factor": 2}, "need loader workers"),
+        ({"num_workers": 40}, {"prefetch_factor": 2}, "read 80 batches ahead"),
+    ],
+)
+def test_worker_settings_fail_before_the_pool_statistics_pass(loader, kwargs, match, monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the pool statistics pass ran before the loader settings were checked")
+
+    monkeypatch.setattr(ReferenceStatistics, "compute", no_pass)
+    pool = TensorDataset(torch.zeros(POOL, 3), torch.zeros(POOL, dtype=torch.long))
+    data = RehearsalDataModule(_Inner(_finetune_loader(**loader)), pool, replay_per_step=2, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=match):
+        data.train_dataloader()
