@@ -82,15 +82,15 @@ class OfflinePhase:
     Args:
         desc: what runs, e.g. ``"TSBD clean unlearning"`` (the bar's label and the log lines' prefix).
         total: the epoch cap.
-        trainer: the fit's Trainer (progress bar and precision follow it); None outside a fit.
+        trainer: the fit's Trainer (the progress bar follows it); None outside a fit.
         progress: force the bar on or off; None follows ``trainer``.
         verbose: a ``rank_zero_info`` line per epoch with the metrics given to :meth:`log`.
 
     Example::
 
-        phase = OfflinePhase("RNP unlearning", max_epochs, trainer)
+        phase, context = OfflinePhase("RNP unlearning", max_epochs, trainer), forward_context(trainer, copy)
         for epoch in phase:
-            with phase.precision():
+            with context():
                 ...
             phase.log(epoch, acc=acc)
     """
@@ -131,9 +131,3 @@ class OfflinePhase:
             self._bar.set_postfix_str(text, refresh=False)
         if self.verbose:
             rank_zero_info(f"{self.desc}: epoch {epoch}/{self.total} {text}")
-
-    def precision(self) -> contextlib.AbstractContextManager:
-        """The Trainer's forward context (autocast under mixed precision); a no-op without a Trainer."""
-        if self.trainer is None:
-            return contextlib.nullcontext()
-        return self.trainer.precision_plugin.forward_context()

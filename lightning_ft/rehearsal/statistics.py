@@ -7,7 +7,6 @@ regulariser can reuse the per-token values. Sample ids must be stable across run
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from lightning_ft._internal.batches import inputs_and_labels
 from lightning_ft._internal.distributed import all_gather_rows
 from lightning_ft._internal.forward import model_logits
 from lightning_ft._internal.modules import eval_mode
-from lightning_ft._internal.offline import show_progress
+from lightning_ft._internal.offline import forward_context, show_progress
 from lightning_ft.rehearsal.functional import causal_lm_correct, sequence_nll
 
 if TYPE_CHECKING:
@@ -187,8 +186,7 @@ class ReferenceStatistics:
             from tqdm.auto import tqdm
 
             batches = tqdm(dataloader, desc=desc, unit="batch", leave=False)
-        precision = contextlib.nullcontext() if trainer is None else trainer.precision_plugin.forward_context()
-        with eval_mode(model), precision:
+        with eval_mode(model), forward_context(trainer, model)():
             for batch in batches:
                 ids_.append(batch_sample_ids(batch, id_key))
                 if task == "classification":
