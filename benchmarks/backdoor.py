@@ -2,11 +2,16 @@
 
 Writes ``benchmarks/results/backdoor.json`` and ``benchmarks/results/backdoor.md`` (the method card's results).
 
-(a) effect: digits at 16x16, BadNets (3x3 patch) and Blended (alpha 0.2, seeded noise pattern), 10% all-to-one
-    poisoning, a BN-CNN and timm's ``test_resnet``, 3 seeds; the defender has 5% of the training split (62 clean
-    images). Rows: no defense / vanilla fine-tuning / stage 1 only / stage 1 + vanilla fine-tuning / TSBD penalty /
-    TSBD clip, with C-ACC, ASR, RA and DER (mean +- std over seeds);
-(b) a ``neuron_ratio`` sweep (seed 0, both attacks and models, TSBD penalty and clip);
+(a) effect: digits at 16x16 (8x8 for the MLP), BadNets (3x3 patch; 2x2 at 8x8) and Blended (alpha 0.2, seeded noise
+    pattern), 10% all-to-one poisoning; a BN-CNN, timm's ``test_resnet``, a timm ViT (``test_vit``, 4x4 patches) and
+    an MLP (a family the calibration was not developed on); 3 seeds; the defender has 5% of the training split (62
+    clean images). Rows: no defense / vanilla fine-tuning / stage 1 only / stage 1 + vanilla fine-tuning / TSBD
+    penalty / TSBD clip / RNP / RNP + fine-tuning, with C-ACC, ASR, RA and DER (mean +- std over seeds). TSBD runs at
+    its defaults (``neuron_ratio="auto"``, calibrated on the clean data); stage 1 only, stage 1 + FT and clip use the
+    ratio the penalty run's calibration chose (the calibration does not depend on stage 2). Every defense of a seed
+    starts from the same backdoored weights, whose SHA-256 is stored with each row;
+(b) a ``neuron_ratio`` sweep (seed 0, every attack and model, TSBD penalty): where the calibration landed against
+    what an attacker-aware sweep would pick;
 (c) the per-step time of stage 2 (penalty, clip) against the same Lightning fit without callbacks, on the same model
     and batches, interleaved in one process; stage 1's wall time.
 
@@ -16,6 +21,7 @@ Usage: python benchmarks/backdoor.py [--quick] [--skip-timing]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -39,12 +45,26 @@ from lightning_ft.demos.vision import ImageClassifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CARD = Path(__file__).resolve().parents[1] / "lightning_ft" / "backdoor" / "README.md"
-ARCHS = ("bn_cnn", "test_resnet")
+ARCHS = ("bn_cnn", "test_resnet", "test_vit", "mlp")
 ATTACKS = ("badnets", "blended")
-# TSBD's neuron ratio is swept in the official code; the share that removes the backdoor without wrecking accuracy
-# depends on the architecture (see the sweep): 0.3 for the 112-neuron BN-CNN, 0.1 for timm's test_resnet
-NEURON_RATIO = {"bn_cnn": 0.3, "test_resnet": 0.1}
-METRICS = ("acc", "asr", "ra", "der")
+# the MLP reads flattened 8x8 digits: the BadNets patch is 2x2 there (as in the method spec's 8x8 run)
+ARCH_CONFIG: dict[str, dict[str, Any]] = {"mlp": {"image_size": 8, "badnets_size": 2}}
+TIMING_ARCHS = ("bn_cnn", "test_resnet")  # the step-time comparison (16x16 batches of 64)
+SWEEP = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+METRICS = ("acc", "asr", "ra", "der", "acc_drop")
+# the issue's targets for TSBD at its defaults: mean ASR <= 0.10 and a mean clean-accuracy drop <= 5 points
+TARGET_ASR, TARGET_DROP = 0.10, 0.05
+# defenses that reuse the ratio the penalty run's calibration chose
+REUSE_RATIO = ("stage1_only", "stage1_ft", "tsbd_clip")
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of a state dict's names and tensor bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _quiet() -> None:
@@ -65,29 +85,42 @@ def bench_effect(
     for arch in archs:
         for attack in attacks:
             for seed in seeds:
-                config = BackdoorDemoConfig(attack=attack, arch=arch, seed=seed, neuron_ratio=NEURON_RATIO[arch])
+                config = BackdoorDemoConfig(attack=attack, arch=arch, seed=seed, **ARCH_CONFIG.get(arch, {}))
                 setup = prepare(config)
+                digest = weights_hash(setup.backdoored_state)
                 before = evaluate_state(config, setup)
                 print(f"{arch} {attack} seed {seed}: backdoored acc {before['acc']:.3f} asr {before['asr']:.3f}")
-                for kind in kinds:
-                    row = before if kind == "no_defense" else defend(config, setup, kind)
+                chosen: float | None = None
+                # the penalty run calibrates first; the runs that reuse its ratio come after it
+                order = sorted(kinds, key=lambda k: (k in REUSE_RATIO, KINDS.index(k)))
+                for kind in order:
+                    if kind == "no_defense":
+                        row = dict(before)
+                    else:
+                        ratio = chosen if kind in REUSE_RATIO and chosen is not None else config.neuron_ratio
+                        row = defend(replace(config, neuron_ratio=ratio), setup, kind)
+                    if kind == "tsbd_penalty":
+                        chosen = row["stage1"]["neuron_ratio"]
                     row = {**{k: v for k, v in row.items() if k != "nwc"}, "attack_seconds": setup.attack_seconds}
+                    row["weights_sha256"] = digest
+                    if "stage1" in row:
+                        row["neuron_ratio"] = row["stage1"]["neuron_ratio"]
                     runs.append(_with_der(row, before))
                     print(f"  {kind}: acc {row['acc']:.3f} asr {row['asr']:.3f} ra {row['ra']:.3f}", flush=True)
                 if seed == seeds[0]:
                     for ratio in sweep:
-                        for kind in ("tsbd_penalty", "tsbd_clip"):
-                            row = defend(replace(config, neuron_ratio=ratio), setup, kind)
-                            row.pop("nwc", None)
-                            sweep_rows.append({**_with_der(row, before), "neuron_ratio": ratio})
-                            print(f"  sweep n={ratio} {kind}: acc {row['acc']:.3f} asr {row['asr']:.3f}", flush=True)
+                        row = defend(replace(config, neuron_ratio=ratio), setup, "tsbd_penalty")
+                        row.pop("nwc", None)
+                        sweep_rows.append({**_with_der(row, before), "neuron_ratio": ratio, "weights_sha256": digest})
+                        print(f"  sweep n={ratio}: acc {row['acc']:.3f} asr {row['asr']:.3f}", flush=True)
     return {"runs": runs, "summary": summarise(runs), "sweep": sweep_rows}
 
 
 def _with_der(row: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     from lightning_ft.backdoor import defense_effectiveness_rating
 
-    return {**row, "der": defense_effectiveness_rating(before["asr"], row["asr"], before["acc"], row["acc"])}
+    der = defense_effectiveness_rating(before["asr"], row["asr"], before["acc"], row["acc"])
+    return {**row, "der": der, "acc_drop": before["acc"] - row["acc"]}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -104,6 +137,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         stage1 = [r["stage1_seconds"] for r in rows if r.get("stage1_seconds") is not None]
         entry["stage1_seconds"] = statistics.fmean(stage1) if stage1 else None
         entry["seconds"] = statistics.fmean(r["seconds"] for r in rows)
+        entry["neuron_ratios"] = [r.get("neuron_ratio") for r in sorted(rows, key=lambda r: r["seed"])]
         out.append(entry)
     return out
 
@@ -137,25 +171,60 @@ def markdown(results: dict) -> str:
             f"| {e['arch']} | {e['attack']} | {e['kind']} | {_pm(e, 'acc')} | {_pm(e, 'asr')} | {_pm(e, 'ra')}"
             f" | {_pm(e, 'der')} |"
         )
+    penalty = [e for e in effect["summary"] if e["kind"] == "tsbd_penalty"]
+    if penalty:
+        lines.append(
+            f"\n**Targets** (TSBD at its defaults, penalty mode: mean ASR <= {TARGET_ASR:.2f} and mean clean-accuracy"
+            f" drop <= {100 * TARGET_DROP:.0f} points against the backdoored model; the ratio `auto` chose per seed)\n"
+        )
+        lines.append("| model | attack | ASR | accuracy drop (points) | chosen `neuron_ratio` | met |")
+        lines.append("|---|---|---:|---:|---|---|")
+        met = 0
+        for e in penalty:
+            ok = e["asr"] <= TARGET_ASR and e["acc_drop"] <= TARGET_DROP
+            met += ok
+            ratios = ", ".join(f"{r:g}" for r in e["neuron_ratios"] if r is not None)
+            lines.append(
+                f"| {e['arch']} | {e['attack']} | {e['asr']:.3f} | {100 * e['acc_drop']:.1f} | {ratios}"
+                f" | {'yes' if ok else 'no'} |"
+            )
+        lines.append(f"\n{met} of {len(penalty)} cells met.")
+        calibrations = [r for r in effect["runs"] if r["kind"] == "tsbd_penalty" and r["seed"] == 0]
+        if calibrations:
+            lines.append(
+                "\n**Calibration** (seed 0: the repair probes' held-out clean accuracy per candidate ratio, the"
+                " reference is the backdoored model's accuracy on the same clean images; the scan stops at the first"
+                " candidate outside the budget)\n"
+            )
+            lines.append("| model | attack | reference | candidates: ratio -> repaired accuracy | chosen |")
+            lines.append("|---|---|---:|---|---:|")
+            for r in calibrations:
+                stage1 = r["stage1"]
+                cells = ", ".join(
+                    f"{c['ratio']:g} -> {c['repaired_acc']:.3f}{'' if c['within_budget'] else ' (out)'}"
+                    for c in stage1.get("calibration", [])
+                )
+                lines.append(
+                    f"| {r['arch']} | {r['attack']} | {stage1.get('calibration_reference_acc', float('nan')):.3f}"
+                    f" | {cells} | {stage1['neuron_ratio']:g} |"
+                )
     if effect["sweep"]:
-        lines.append("\n**`neuron_ratio` sweep** (seed 0; C-ACC / ASR)\n")
+        lines.append("\n**`neuron_ratio` sweep** (seed 0, TSBD penalty; C-ACC / ASR)\n")
         ratios = sorted({r["neuron_ratio"] for r in effect["sweep"]})
-        lines.append("| model | attack | stage 2 | " + " | ".join(f"n = {r}" for r in ratios) + " |")
-        lines.append("|---|---|---|" + "---:|" * len(ratios))
-        for arch in sorted({r["arch"] for r in effect["sweep"]}):
+        lines.append("| model | attack | " + " | ".join(f"n = {r}" for r in ratios) + " |")
+        lines.append("|---|---|" + "---:|" * len(ratios))
+        for arch in [a for a in ARCHS if any(r["arch"] == a for r in effect["sweep"])]:
             for attack in ATTACKS:
-                for kind in ("tsbd_penalty", "tsbd_clip"):
-                    cells = []
-                    for ratio in ratios:
-                        match = [
-                            r
-                            for r in effect["sweep"]
-                            if (r["arch"], r["attack"], r["kind"], r["neuron_ratio"]) == (arch, attack, kind, ratio)
-                        ]
-                        cells.append(f"{match[0]['acc']:.3f} / {match[0]['asr']:.3f}" if match else "")
-                    if any(cells):
-                        name = kind.removeprefix("tsbd_")
-                        lines.append(f"| {arch} | {attack} | {name} | " + " | ".join(cells) + " |")
+                cells = []
+                for ratio in ratios:
+                    match = [
+                        r
+                        for r in effect["sweep"]
+                        if (r["arch"], r["attack"], r["neuron_ratio"]) == (arch, attack, ratio)
+                    ]
+                    cells.append(f"{match[0]['acc']:.3f} / {match[0]['asr']:.3f}" if match else "")
+                if any(cells):
+                    lines.append(f"| {arch} | {attack} | " + " | ".join(cells) + " |")
     if results.get("timing"):
         rounds = len(results["timing"][0]["per_round"])
         lines.append(
@@ -175,7 +244,10 @@ def markdown(results: dict) -> str:
             )
     stage1 = [e for e in effect["summary"] if e["kind"] == "tsbd_penalty" and e["stage1_seconds"] is not None]
     if stage1:
-        lines.append("\n**Stage 1 wall time** (clean unlearning of a copy + selection + zeroing, 62 images)\n")
+        lines.append(
+            "\n**Stage 1 wall time** (clean unlearning of a copy, the `auto` calibration's repair probes, selection and"
+            " zeroing; 62 images)\n"
+        )
         lines.append("| model | attack | seconds |")
         lines.append("|---|---|---:|")
         for e in stage1:
@@ -198,10 +270,10 @@ def main() -> None:
     seeds = [0] if args.quick else [0, 1, 2]
     archs = ("bn_cnn",) if args.quick else ARCHS
     attacks = ("badnets",) if args.quick else ATTACKS
-    sweep = [] if args.quick else [0.05, 0.1, 0.2, 0.3, 0.5]
+    sweep = [] if args.quick else SWEEP
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    results: dict[str, Any] = {"machine": machine, "config": asdict(BackdoorDemoConfig()), "neuron_ratio": NEURON_RATIO}
+    results: dict[str, Any] = {"machine": machine, "config": asdict(BackdoorDemoConfig()), "arch_config": ARCH_CONFIG}
     out = RESULTS / ("backdoor_quick.json" if args.quick else "backdoor.json")
     previous = json.loads(out.read_text()) if out.exists() else {}
     if args.timing_only:
@@ -221,7 +293,8 @@ def main() -> None:
     if args.skip_timing:
         results["timing"] = previous.get("timing", [])
     else:
-        results["timing"] = [bench_step_time(arch, epochs=4, rounds=1 if args.quick else 5) for arch in archs]
+        timed = [a for a in archs if a in TIMING_ARCHS]
+        results["timing"] = [bench_step_time(arch, epochs=4, rounds=1 if args.quick else 5) for arch in timed]
     print(write_results(results, out, markdown, None if args.quick else CARD))
 
 

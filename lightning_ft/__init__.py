@@ -19,6 +19,7 @@ _LAZY = {
     "NeuronLayer": "lightning_ft.backdoor",
     "NeuronWeightChangeReinit": "lightning_ft.backdoor",
     "PoisonedDataset": "lightning_ft.backdoor",
+    "ReconstructiveNeuronPruning": "lightning_ft.backdoor",
     "RobustAccuracy": "lightning_ft.backdoor",
     "tsbd": "lightning_ft.backdoor",
     "MemorisationEarlyStopping": "lightning_ft.memorisation",
@@ -33,7 +34,6 @@ _LAZY = {
     "GatedLayer": "lightning_ft.pruning",
     "LearnedMaskPruning": "lightning_ft.pruning",
     "NeuronGate": "lightning_ft.pruning",
-    "ReconstructiveNeuronPruning": "lightning_ft.pruning",
     "CollateralDamageSampler": "lightning_ft.rehearsal",
     "FLOWReweighting": "lightning_ft.rehearsal",
     "FLOWWeightedLoss": "lightning_ft.rehearsal",
@@ -87,6 +87,7 @@ if TYPE_CHECKING:
         NeuronLayer,
         NeuronWeightChangeReinit,
         PoisonedDataset,
+        ReconstructiveNeuronPruning,
         RobustAccuracy,
         tsbd,
     )
@@ -105,7 +106,6 @@ if TYPE_CHECKING:
         GatedLayer,
         LearnedMaskPruning,
         NeuronGate,
-        ReconstructiveNeuronPruning,
     )
     from lightning_ft.rehearsal import (
         CollateralDamageSampler,

@@ -15,8 +15,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, P
 from torch import nn
 
 from lightning_ft._internal.offline import forward_context, working_copy
-from lightning_ft.backdoor import NeuronWeightChangeReinit
-from lightning_ft.pruning import ReconstructiveNeuronPruning
+from lightning_ft.backdoor import NeuronWeightChangeReinit, ReconstructiveNeuronPruning
 from tests.helpers.data import small_digits_datamodule
 from tests.helpers.models import tiny_classifier
 

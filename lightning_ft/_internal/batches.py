@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -32,7 +34,14 @@ def inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor]:
 
 def clean_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, owner: str) -> Iterable[Any]:
     """The clean data a defense runs on: ``dataloader`` if given, else the fit's whole training set in order, read
-    without the distributed sampler (rank 0 runs on all of it). ``owner`` names the callback in the error."""
+    without the distributed sampler (rank 0 runs on all of it). ``owner`` names the callback in the error.
+
+    The rebuilt loader keeps the fit loader's batch size, collate function and worker settings (``num_workers``,
+    ``pin_memory``, ``worker_init_fn``, ``persistent_workers``, ``prefetch_factor``, ``timeout``,
+    ``multiprocessing_context``, ...); only the order changes (a sequential sampler instead of the shuffling or
+    distributed one, no ``drop_last``). A ``generator`` is copied (same state), so reading the clean data never
+    advances the fit's own generator. A batch size given by a ``batch_sampler`` is kept.
+    """
     if dataloader is not None:
         return dataloader
     loader = trainer.train_dataloader
@@ -41,4 +50,42 @@ def clean_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, owner: s
             f"{owner} reads the clean data from the fit's single training DataLoader; pass `dataloader=` explicitly"
             " for other setups."
         )
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
+    batch_size = loader.batch_size
+    if batch_size is None:  # a batch_sampler (or no automatic batching)
+        batch_size = getattr(loader.batch_sampler, "batch_size", None)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"{owner} reads the fit's training set in order with the loader's batch size, but the training DataLoader"
+            f" has none (batch_size={loader.batch_size!r}, batch_sampler={type(loader.batch_sampler).__name__});"
+            " pass `dataloader=` with the clean data."
+        )
+    settings = {name: getattr(loader, name) for name in _LOADER_SETTINGS if hasattr(loader, name)}
+    settings = {name: value for name, value in settings.items() if name in _dataloader_arguments()}
+    if settings.get("generator") is not None:  # a copy: iterating draws worker seeds from it
+        generator = torch.Generator(device=settings["generator"].device)
+        generator.set_state(settings["generator"].get_state())
+        settings["generator"] = generator
+    if not settings.get("num_workers"):  # DataLoader refuses these without workers
+        settings.pop("persistent_workers", None)
+        settings.pop("prefetch_factor", None)
+    return DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, drop_last=False, **settings)
+
+
+_LOADER_SETTINGS = (
+    "collate_fn",
+    "num_workers",
+    "pin_memory",
+    "pin_memory_device",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "generator",
+    "prefetch_factor",
+    "persistent_workers",
+    "in_order",
+)
+"""The training loader's settings the clean loader keeps (those this torch's ``DataLoader`` accepts)."""
+
+
+def _dataloader_arguments() -> set[str]:
+    return set(inspect.signature(DataLoader.__init__).parameters)

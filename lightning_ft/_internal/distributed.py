@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_rows", "gather_uneven", "shard_indices"]
+__all__ = ["all_gather_rows", "broadcast_from_rank_zero", "gather_uneven", "shard_indices"]
+
+T = TypeVar("T")
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
@@ -46,3 +51,34 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded.contiguous())
     return torch.cat([g[: int(c)] for g, c in zip(gathered, counts, strict=True)])
+
+
+_FAILED = "__lightning_ft_rank_zero_error__"
+
+
+def broadcast_from_rank_zero(trainer: Any, compute: Callable[[], T]) -> T:
+    """``compute()`` on global rank 0, its result broadcast to every rank.
+
+    An exception on rank 0 is broadcast too and raised on every rank (the same type when it can be rebuilt from its
+    message, else a ``RuntimeError`` naming it), so the other ranks fail with rank 0 instead of waiting in the
+    broadcast until the process-group timeout.
+    """
+    payload: Any = None
+    error: BaseException | None = None
+    if trainer.is_global_zero:
+        try:
+            payload = compute()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+            payload = {_FAILED: (type(exc), str(exc))}
+    payload = trainer.strategy.broadcast(payload, src=0)
+    if error is not None:
+        raise error
+    if isinstance(payload, dict) and _FAILED in payload:
+        kind, message = payload[_FAILED]
+        try:
+            rebuilt = kind(f"(raised on rank 0) {message}")
+        except Exception:
+            rebuilt = RuntimeError(f"rank 0 raised {kind.__name__}: {message}")
+        raise rebuilt
+    return payload

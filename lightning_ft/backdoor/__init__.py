@@ -1,9 +1,11 @@
-"""Backdoor defense family (TSBD) and the attacks and metrics to evaluate it.
+"""Backdoor defense family (TSBD, RNP) and the attacks and metrics to evaluate it.
 
 * Callbacks: :class:`NeuronWeightChangeReinit` (TSBD stage 1), :class:`ActivenessAwareFineTuning` (stage 2, gradient
-  norm penalty or per-neuron gradient clipping), and :func:`tsbd` returning both.
+  norm penalty or per-neuron gradient clipping), and :func:`tsbd` returning both;
+  :class:`ReconstructiveNeuronPruning` (RNP: unlearn a copy, recover BatchNorm channel masks, prune).
 * Functional core: clean unlearning, neuron-weight changes, selection and zero reinitialisation, the gradient mix and
-  the per-neuron clipping, neuron discovery.
+  the per-neuron clipping, neuron discovery; RNP's three steps (:func:`rnp_unlearn`, :func:`rnp_recover_masks`,
+  :func:`rnp_prune_`).
 * Evaluation: BadNets/Blended attacks, all-to-one poisoning, ASR/RA metrics, DER/RIR.
 """
 
@@ -23,6 +25,7 @@ from lightning_ft.backdoor.functional import (
     zero_reinit_,
 )
 from lightning_ft.backdoor.metrics import AttackSuccessRate, RobustAccuracy
+from lightning_ft.backdoor.rnp import ReconstructiveNeuronPruning, rnp_prune_, rnp_recover_masks, rnp_unlearn
 from lightning_ft.backdoor.tsbd import tsbd
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "NeuronLayer",
     "NeuronWeightChangeReinit",
     "PoisonedDataset",
+    "ReconstructiveNeuronPruning",
     "RobustAccuracy",
     "activeness_aware_gradients_",
     "clean_unlearning",
@@ -40,6 +44,9 @@ __all__ = [
     "defense_effectiveness_rating",
     "find_neuron_layers",
     "neuron_weight_changes",
+    "rnp_prune_",
+    "rnp_recover_masks",
+    "rnp_unlearn",
     "robust_improvement_rating",
     "select_reinit_weights",
     "triggered_test_set",

@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_ft._internal.forward import model_loss
 from lightning_ft._internal.neurons import NeuronLayer
 from lightning_ft._internal.strategies import check_strategy
+from lightning_ft.backdoor.checks import warn_eval_modules, warn_small_layer_share
 from lightning_ft.backdoor.layers import check_layer_types, tsbd_layers
 
 __all__ = ["ActivenessAwareFineTuning", "activeness_aware_gradients_", "clip_neuron_gradients_"]
@@ -246,6 +247,7 @@ class ActivenessAwareFineTuning(Callback):
         self._batch = None
         if self.mode == "clip":  # fail before training on a model without eligible layers
             self._layers = self.layers(pl_module)
+            warn_small_layer_share(trainer, pl_module, self._layers, self)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -254,6 +256,7 @@ class ActivenessAwareFineTuning(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"ActivenessAwareFineTuning supports one optimizer, got {len(trainer.optimizers)}.")
         self._loaded = False
+        warn_eval_modules(trainer, pl_module, self)  # once per fit, with stage 1
         if self.mode == "clip":  # the strategy may have wrapped or moved modules since setup
             self._layers = self.layers(pl_module)
 

@@ -5,31 +5,70 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
-from lightning_ft._internal.forward import model_logits, model_loss
-from lightning_ft._internal.logging import log_histogram, log_scalars
+from lightning_ft._internal.distributed import broadcast_from_rank_zero
+from lightning_ft._internal.forward import model_dtype, model_logits, model_loss
+from lightning_ft._internal.logging import log_histogram, log_scalars, log_table
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
-from lightning_ft._internal.offline import ContextFactory, OfflinePhase, forward_context, working_copy
+from lightning_ft._internal.offline import LOW_PRECISION, ContextFactory, OfflinePhase, forward_context, working_copy
 from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
+from lightning_ft.backdoor.calibration import (
+    DEFAULT_CANDIDATES,
+    OptimizerFactory,
+    RatioCalibration,
+    calibrate_neuron_ratio,
+)
+from lightning_ft.backdoor.checks import (
+    check_clean_batch,
+    check_weight_changes,
+    drop_unchanged,
+    warn_eval_modules,
+    warn_small_layer_share,
+)
 from lightning_ft.backdoor.functional import neuron_weight_changes, select_reinit_weights, zero_reinit_
 from lightning_ft.backdoor.layers import check_layer_types, tsbd_layers
 
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
 
 _NWC_CHANGED = "its weights were zeroed by another selection (stage 1 never runs twice in a fit)"
+DEFAULT_CALIBRATION_EPOCHS = 20
+"""Repair-probe epochs of ``neuron_ratio="auto"`` without a Trainer (or one without ``max_epochs``)."""
+
+
+def _default_probe_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)  # the paper's fine-tuning recipe
+
+
+def _fit_optimizer(trainer: pl.Trainer) -> OptimizerFactory | None:
+    """A factory for the fit's first optimizer: its class with its constructor settings (``defaults``)."""
+    if not trainer.optimizers:
+        return None
+    template = trainer.optimizers[0]
+    settings = dict(template.defaults)
+
+    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        try:
+            return type(template)(params, **settings)
+        except TypeError as error:
+            raise ValueError(
+                f"neuron_ratio='auto' fine-tunes its repair probes with the fit's optimizer, but"
+                f" {type(template).__name__}(params, **defaults) failed ({error}). Pass a numeric `neuron_ratio`."
+            ) from error
+
+    return build
 
 
 @torch.no_grad()
@@ -86,6 +125,7 @@ def clean_unlearning(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     phase = OfflinePhase("TSBD clean unlearning", max_epochs, trainer, progress=progress, verbose=verbose)
     context: ContextFactory = forward_context(trainer, model) if trainer_precision else contextlib.nullcontext
+    check_clean_batch(model, loader, context)  # >= 2 classes, class-index labels: before any ascent step
     try:
         for epoch in phase:
             model.train()
@@ -162,7 +202,7 @@ class NeuronWeightChangeReinit(Callback):
 
     def __init__(
         self,
-        neuron_ratio: float = 0.2,
+        neuron_ratio: float | Literal["auto"] = "auto",
         subweight_ratio: float = 0.7,
         lr_unlearn: float = 1e-4,
         momentum: float = 0.9,
@@ -175,18 +215,41 @@ class NeuronWeightChangeReinit(Callback):
         dataloader: DataLoader | None = None,
         progress_bar: bool | None = None,
         exclude_head: bool = True,
+        max_acc_drop: float = 0.05,
+        calibration_candidates: Sequence[float] = DEFAULT_CANDIDATES,
+        calibration_folds: int = 5,
+        calibration_epochs: int | None = None,
+        calibration_seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("neuron_ratio", neuron_ratio), ("subweight_ratio", subweight_ratio)):
+        ratios = [("subweight_ratio", subweight_ratio)] + (
+            [] if neuron_ratio == "auto" else [("neuron_ratio", neuron_ratio)]
+        )
+        for name, value in ratios:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+                hint = " or 'auto' (calibrated on clean data)" if name == "neuron_ratio" else ""
+                raise ValueError(f"`{name}` must be in (0, 1]{hint}, got {value!r}.")
+        candidates = list(calibration_candidates)
+        if not candidates or any(
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c <= 1.0 for c in candidates
+        ):
+            raise ValueError(f"`calibration_candidates` must be ratios in (0, 1], got {calibration_candidates!r}.")
+        if not 0.0 <= max_acc_drop <= 1.0:
+            raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
+        check_int("calibration_folds", calibration_folds, minimum=2)
+        check_int("calibration_epochs", calibration_epochs, allow_none=True)
         if not 0.0 <= unlearn_stop_acc <= 1.0:
             raise ValueError(f"`unlearn_stop_acc` must be in [0, 1], got {unlearn_stop_acc}.")
         if not lr_unlearn > 0:
             raise ValueError(f"`lr_unlearn` must be > 0, got {lr_unlearn}.")
         check_int("max_unlearn_epochs", max_unlearn_epochs)
         check_layer_types(layer_types)
-        self.neuron_ratio, self.subweight_ratio = float(neuron_ratio), float(subweight_ratio)
+        self.neuron_ratio: float | str = "auto" if neuron_ratio == "auto" else float(neuron_ratio)
+        self.subweight_ratio = float(subweight_ratio)
+        self.max_acc_drop, self.calibration_candidates = float(max_acc_drop), tuple(float(c) for c in candidates)
+        self.calibration_folds, self.calibration_epochs = calibration_folds, calibration_epochs
+        self.calibration_seed = calibration_seed
+        self.calibration: RatioCalibration | None = None  # the last calibration in this process (not checkpointed)
         self.lr_unlearn, self.momentum = lr_unlearn, momentum
         self.max_unlearn_epochs, self.unlearn_stop_acc = max_unlearn_epochs, unlearn_stop_acc
         self.stop_on_single_class = stop_on_single_class
@@ -212,6 +275,7 @@ class NeuronWeightChangeReinit(Callback):
         return {
             "neuron_ratio": self.neuron_ratio,
             "subweight_ratio": self.subweight_ratio,
+            **({} if self.neuron_ratio != "auto" else {"max_acc_drop": self.max_acc_drop}),
             "layer_types": None if self.layer_types is None else list(self.layer_types),
             "include": list(self.include),
             "exclude": list(self.exclude),
@@ -231,22 +295,24 @@ class NeuronWeightChangeReinit(Callback):
         # fit (ckpt_path) after setup, and a state loaded by hand before the fit is kept
         if not self._loaded:
             self.done, self.report, self.seconds, self.nwc = False, {}, None, None
-        self.layers(pl_module)  # fail before training on a model without eligible layers
+        warn_small_layer_share(trainer, pl_module, self.layers(pl_module), self)  # fails without eligible layers
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start rather than on_fit_start: the fit's training dataloader exists from here on
+        warn_eval_modules(trainer, pl_module, self)  # once per fit, with stage 2
         self._loaded = False
         if self.done:
             return  # resumed after stage 1: never run it twice
         start = time.perf_counter()
         layers = self.layers(pl_module)
-        payload: dict[str, Any] | None = None
-        if trainer.is_global_zero:
-            loader = clean_loader(trainer, self.dataloader, type(self).__name__)
-            payload = self._select(loader, pl_module, layers, trainer)
-        payload = trainer.strategy.broadcast(payload, src=0)
-        assert payload is not None
+        # rank 0 selects; an error there is raised on every rank (no rank waits for a broadcast that never comes)
+        payload = broadcast_from_rank_zero(
+            trainer,
+            lambda: self._select(
+                clean_loader(trainer, self.dataloader, type(self).__name__), pl_module, layers, trainer
+            ),
+        )
         masks = {k: v.to(pl_module.device) for k, v in payload["masks"].items()}
         zeroed = zero_reinit_(layers, masks)
         self.done = True
@@ -255,6 +321,10 @@ class NeuronWeightChangeReinit(Callback):
         metrics = {f"backdoor/nwc_{k}": float(v) for k, v in self.report.items() if isinstance(v, (int, float))}
         metrics["backdoor/nwc_seconds"] = self.seconds
         log_scalars(trainer, metrics)
+        if self.report.get("calibration"):
+            columns = RatioCalibration.COLUMNS
+            rows = [[row[c] for c in columns] for row in self.report["calibration"]]
+            log_table(trainer, "backdoor/calibration", columns, rows)
         if payload.get("nwc") is not None:
             self.nwc = payload["nwc"]
             log_histogram(trainer, "backdoor/nwc", payload["nwc"])
@@ -293,16 +363,74 @@ class NeuronWeightChangeReinit(Callback):
                 verbose=trainer is not None,
             )
         changes = neuron_weight_changes(pl_module, unlearned, layers)
-        masks, selected = select_reinit_weights(changes, self.neuron_ratio, self.subweight_ratio)
+        check_weight_changes(changes, layers, self.lr_unlearn)  # all-zero NWC: an error, weights untouched
+        del unlearned
+        ratio = self.neuron_ratio
+        if ratio == "auto":
+            self.calibration = self._calibrate(pl_module, changes, loader, trainer)
+            ratio = self.calibration.ratio
+        masks, selected = select_reinit_weights(changes, float(ratio), self.subweight_ratio)
+        masks = drop_unchanged(changes, masks)  # a weight whose change is 0 is never zeroed
         nwc = torch.cat([c.sum(1) for c in changes.values()]).cpu()
         report = {
             "unlearn_epochs": epochs,
             "stop_rule": rule,
             "neurons": int(nwc.numel()),
             "selected_neurons": int(sum(int(s.sum()) for s in selected.values())),
+            "neuron_ratio": float(ratio),
         }
-        del unlearned
+        if self.calibration is not None and self.neuron_ratio == "auto":
+            report["calibration_rule"] = self.calibration.rule
+            report["calibration_reference_acc"] = self.calibration.reference_acc
+            report["calibration"] = [dict(row) for row in self.calibration.candidates]
         return {"masks": {k: v.cpu() for k, v in masks.items()}, "report": report, "nwc": nwc}
+
+    def _calibrate(
+        self, pl_module: nn.Module, changes: dict[str, Tensor], loader: Iterable[Any], trainer: pl.Trainer | None
+    ) -> RatioCalibration:
+        """``neuron_ratio="auto"``: the largest candidate ratio whose zeroing a repair probe recovers to within
+        ``max_acc_drop`` (:func:`~lightning_ft.backdoor.calibration.calibrate_neuron_ratio`)."""
+        optimizer: OptimizerFactory | None = None
+        epochs = self.calibration_epochs
+        if trainer is not None:
+            optimizer = _fit_optimizer(trainer)
+            if epochs is None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+                epochs = trainer.max_epochs
+        phase = OfflinePhase(
+            "TSBD neuron-ratio calibration",
+            len(self.calibration_candidates),
+            trainer,
+            progress=self.progress_bar if trainer is not None else bool(self.progress_bar),
+            verbose=trainer is not None,
+        )
+        # the probes are float32 working copies of a low-precision model: no half-precision context for them
+        low = model_dtype(pl_module) in LOW_PRECISION
+        context = contextlib.nullcontext if low else forward_context(trainer, pl_module)
+        with torch.enable_grad(), torch.inference_mode(False):
+            result = calibrate_neuron_ratio(
+                pl_module,
+                changes,
+                loader,  # type: ignore[arg-type]
+                self.layers,
+                subweight_ratio=self.subweight_ratio,
+                candidates=self.calibration_candidates,
+                max_acc_drop=self.max_acc_drop,
+                folds=self.calibration_folds,
+                epochs=epochs or DEFAULT_CALIBRATION_EPOCHS,
+                optimizer=optimizer or _default_probe_optimizer,
+                context=context,
+                seed=self.calibration_seed,
+                phase=phase,
+            )
+        if result.rule == "none_within_budget":
+            rank_zero_warn(
+                f"NeuronWeightChangeReinit(neuron_ratio='auto'): no candidate ratio was repaired to within"
+                f" max_acc_drop={self.max_acc_drop} of the clean accuracy {result.reference_acc:.3f} (smallest tried:"
+                f" {result.candidates[0]['ratio']} -> {result.candidates[0]['repaired_acc']:.3f}); using the smallest,"
+                f" {result.ratio}, which may leave a backdoor in place. A larger clean set, more fine-tuning epochs"
+                " (`calibration_epochs`) or a larger `max_acc_drop` let the calibration choose a larger ratio."
+            )
+        return result
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

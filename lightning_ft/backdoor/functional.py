@@ -90,7 +90,8 @@ def select_reinit_weights(
     threshold = torch.topk(pooled, k).values[-1]
     for n in names:
         rows = selected[n].to(changes[n].device)
-        masks[n] = (changes[n] >= threshold.to(changes[n].device)) & rows.unsqueeze(1)
+        # a weight the unlearning did not move is never zeroed (a zero threshold would tie with it)
+        masks[n] = (changes[n] >= threshold.to(changes[n].device)) & (changes[n] > 0) & rows.unsqueeze(1)
     return masks, selected
 
 

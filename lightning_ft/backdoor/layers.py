@@ -14,9 +14,19 @@ from torch import nn
 
 from lightning_ft._internal.neurons import LAYER_TYPES, NeuronLayer, classifier_heads, find_neuron_layers
 
-__all__ = ["AUTO_MIN_CONVS", "check_layer_types", "tsbd_layers"]
+__all__ = [
+    "AUTO_MIN_CONVS",
+    "SMALL_LAYER_SHARE",
+    "check_layer_types",
+    "layer_share",
+    "tsbd_layers",
+    "weight_parameters",
+]
 
 AUTO_MIN_CONVS = 2  # layer_types=None picks the convolutions when the model has at least this many eligible ones
+SMALL_LAYER_SHARE = 0.10
+"""The callbacks warn at setup when their layers hold less than this share of the model's weights
+(:func:`layer_share`)."""
 
 
 def tsbd_layers(
@@ -81,3 +91,17 @@ def check_layer_types(layer_types: Sequence[str] | None) -> None:
         raise ValueError(
             f"`layer_types` must be None (auto) or a non-empty subset of {LAYER_TYPES}, got {layer_types!r}."
         )
+
+
+def weight_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weights of ``model``: its parameters with two or more dimensions (linear, conv and embedding weights,
+    attention projections; not biases, norm scales or 1-D tokens), each shared parameter once, in module order."""
+    return [(name, p) for name, p in model.named_parameters() if p.dim() >= 2]
+
+
+def layer_share(model: nn.Module, layers: Sequence[NeuronLayer]) -> float:
+    """The share of ``model``'s weights (:func:`weight_parameters`, by element count) that ``layers`` hold, in [0, 1]
+    (1.0 for a model without weights)."""
+    total = sum(p.numel() for _, p in weight_parameters(model))
+    chosen = {id(layer.weight): layer.weight.numel() for layer in layers}
+    return sum(chosen.values()) / total if total else 1.0

@@ -26,11 +26,11 @@ from lightning_ft.backdoor.callbacks import NeuronWeightChangeReinit
 from lightning_ft.backdoor.functional import (
     defense_effectiveness_rating,
 )
+from lightning_ft.backdoor.rnp import ReconstructiveNeuronPruning
 from lightning_ft.demos._common import cpu_trainer as _trainer
 from lightning_ft.demos._common import prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
-from lightning_ft.pruning.rnp import ReconstructiveNeuronPruning
 
 __all__ = [
     "ATTACKS",
@@ -71,7 +71,7 @@ class BackdoorDemoConfig:
     finetune_epochs: int = 20
     finetune_lr: float = 0.01
     finetune_batch_size: int = 32
-    neuron_ratio: float = 0.3
+    neuron_ratio: float | str = "auto"
     subweight_ratio: float = 0.7
     lr_unlearn: float = 1e-3
     max_unlearn_epochs: int = 200
@@ -102,6 +102,16 @@ class BackdoorSetup:
     attack_seconds: float
 
 
+ARCH_KWARGS: dict[str, dict[str, Any]] = {"test_vit": {"img_size": 16, "patch_size": 4}}
+"""timm keyword arguments per architecture (a ViT on 16x16 digits: 4x4 patches)."""
+
+
+def _classifier(config: BackdoorDemoConfig, **kwargs: Any) -> ImageClassifier:
+    """The demo's classifier for ``config.arch`` (timm models with :data:`ARCH_KWARGS`)."""
+    timm_kwargs = ARCH_KWARGS.get(config.arch)
+    return ImageClassifier(arch=config.arch, seed=config.seed, timm_kwargs=timm_kwargs, **kwargs)
+
+
 def _stack(dataset: Any) -> tuple[Tensor, Tensor]:
     items = [dataset[i] for i in range(len(dataset))]
     return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
@@ -129,7 +139,7 @@ def prepare(config: BackdoorDemoConfig) -> BackdoorSetup:
     clean = TensorDataset(x[train_idx][clean_idx], y[train_idx][clean_idx])
 
     pl.seed_everything(config.seed, verbose=False)
-    module = ImageClassifier(arch=config.arch, lr=config.attack_lr, weight_decay=5e-4, seed=config.seed)
+    module = _classifier(config, lr=config.attack_lr, weight_decay=5e-4)
     poisoned_x, poisoned_y = _stack(poisoned)
     loader = DataLoader(TensorDataset(poisoned_x, poisoned_y), batch_size=config.attack_batch_size, shuffle=True)
     start = time.perf_counter()
@@ -201,7 +211,7 @@ def defend(
     if kind not in KINDS:
         raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
     pl.seed_everything(config.seed, verbose=False)
-    module = ImageClassifier(arch=config.arch, lr=config.finetune_lr, seed=config.seed)
+    module = _classifier(config, lr=config.finetune_lr)
     module.load_state_dict(setup.backdoored_state)
     row: dict[str, Any] = {"kind": kind, "attack": config.attack, "arch": config.arch, "seed": config.seed}
     start = time.perf_counter()
@@ -256,7 +266,7 @@ def run(config: BackdoorDemoConfig, verbose: bool = True) -> tuple[BackdoorSetup
 
 def evaluate_state(config: BackdoorDemoConfig, setup: BackdoorSetup) -> dict[str, Any]:
     """The no-defense row: the backdoored model's metrics."""
-    module = ImageClassifier(arch=config.arch, seed=config.seed)
+    module = _classifier(config)
     module.load_state_dict(setup.backdoored_state)
     row: dict[str, Any] = {"kind": "no_defense", "attack": config.attack, "arch": config.arch, "seed": config.seed}
     return {**row, "seconds": 0.0, **evaluate(module, setup, config.target)}

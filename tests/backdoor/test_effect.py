@@ -56,7 +56,7 @@ def test_stage_one_alone_breaks_clean_accuracy_and_stage_two_repairs_it(backdoor
 
 
 def test_rnp_removes_the_badnets_backdoor_on_the_bn_cnn(backdoored):
-    # RNP (lightning_ft.pruning) at its defaults: without fine-tuning it removes the backdoor but breaks this small
+    # RNP (lightning_ft.backdoor) at its defaults: without fine-tuning it removes the backdoor but breaks this small
     # network; with the vanilla fine-tuning afterwards (pruned channels held at 0) clean accuracy comes back and the
     # backdoor stays out (benchmark, 3 seeds: ASR 0.000 / acc 0.27 without, ASR 0.051 / acc 0.966 with fine-tuning)
     config, setup, _ = backdoored
@@ -66,3 +66,36 @@ def test_rnp_removes_the_badnets_backdoor_on_the_bn_cnn(backdoored):
     finetuned = defend(config, setup, "rnp_ft")
     assert finetuned["asr"] <= 0.3, finetuned
     assert finetuned["acc"] >= 0.85, finetuned
+
+
+# --- neuron_ratio="auto" on a model and an attack the calibration was not developed on ---------------------------
+# Chosen before any run of the calibration on them: the MLP on flattened 8x8 digits (the calibration was developed on
+# the BN-CNN with BadNets), the Blended attack, seed 1; TSBD at its defaults, the paper's fine-tuning recipe.
+
+
+@pytest.fixture(scope="module")
+def unseen():
+    config = BackdoorDemoConfig(attack="blended", arch="mlp", seed=1, image_size=8, badnets_size=2)
+    setup = prepare(config)
+    before = evaluate_state(config, setup)
+    return before, defend(config, setup, "vanilla_ft"), defend(config, setup, "tsbd_penalty")
+
+
+def test_auto_calibration_keeps_its_accuracy_budget_on_an_unseen_model(unseen):
+    before, vanilla, row = unseen
+    assert before["asr"] >= 0.9 and vanilla["asr"] >= 0.9, (before, vanilla)
+    stage1 = row["stage1"]
+    # the calibration chose a ratio above its smallest candidate, and the defended model keeps clean accuracy within
+    # the default budget (5 points) plus the gap between held-out clean images and the test set (1 point)
+    assert stage1["neuron_ratio"] > stage1["calibration"][0]["ratio"], stage1
+    assert before["acc"] - row["acc"] <= 0.06, (before, row)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 11 target not reached: at the ratio the 5-point budget allows (0.2), the Blended backdoor on the MLP"
+    " survives TSBD (ASR 0.93); see the method card's Targets table",
+)
+def test_auto_calibration_removes_the_backdoor_on_an_unseen_model(unseen):
+    _, _, row = unseen
+    assert row["asr"] <= 0.10, row

@@ -151,3 +151,22 @@ def test_ddp_ranks_agree_after_stage_one_and_after_every_stage_two_step(mode, sk
     else:
         assert r0["step_diffs"] == r1["step_diffs"] == [0.0] * r0["global_step"]
         assert r0["params"] == r1["params"]
+
+
+@pytest.mark.ddp
+def test_ddp_auto_calibration_is_chosen_once_and_applied_on_every_rank(tmp_path):
+    r0, r1 = run_ddp_script("ddp_tsbd.py", tmp_path, "--mode", "penalty", "--auto")
+    assert r0["report"] == r1["report"]  # the same calibration rows and choice on both ranks (broadcast)
+    assert r0["report"]["neuron_ratio"] in (0.1, 0.3) and len(r0["report"]["calibration"]) >= 1
+    for r in (r0, r1):
+        assert r["stage1_diff"] == 0.0
+        assert r["zeros_after_stage1"] - r["zeros_before"] == r["report"]["zeroed_weights"] > 0
+    assert r0["params"] == r1["params"]
+
+
+@pytest.mark.ddp
+def test_ddp_an_error_in_stage_one_on_rank_zero_fails_every_rank(tmp_path):
+    # the other ranks wait in the broadcast of the selection: rank 0's error is broadcast and raised there too
+    r0, r1 = run_ddp_script("ddp_tsbd.py", tmp_path, "--mode", "penalty", "--bad-labels")
+    assert "class indices" in r0["error"] or "labels" in r0["error"], r0
+    assert "raised on rank 0" in r1["error"] and r0["error"] in r1["error"], r1

@@ -100,12 +100,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["penalty", "clip"], required=True)
     parser.add_argument("--skip-g2-reduce", action="store_true")
+    parser.add_argument("--auto", action="store_true", help='neuron_ratio="auto" (calibrated on rank 0)')
+    parser.add_argument("--bad-labels", action="store_true", help="float labels: stage 1 fails on rank 0")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    stage1, stage2 = tsbd(neuron_ratio=0.3, lr_unlearn=1e-2, max_unlearn_epochs=5, progress_bar=False, mode=args.mode)
+    ratio: dict[str, Any] = (
+        {"neuron_ratio": "auto", "calibration_epochs": 1, "calibration_candidates": [0.1, 0.3]}
+        if args.auto
+        else {"neuron_ratio": 0.3}
+    )
+    stage1, stage2 = tsbd(**ratio, lr_unlearn=1e-2, max_unlearn_epochs=5, progress_bar=False, mode=args.mode)
     assert isinstance(stage1, NeuronWeightChangeReinit) and isinstance(stage2, ActivenessAwareFineTuning)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -122,7 +129,15 @@ def main() -> None:
     )
     try:
         # shuffle=True: the distributed sampler gives each rank a different shard of the training set
-        trainer.fit(tiny_classifier(), small_digits_datamodule(shuffle=True))
+        datamodule = small_digits_datamodule(shuffle=True)
+        if args.bad_labels:
+            from torch.utils.data import DataLoader, TensorDataset
+
+            x = torch.rand(32, 1, 8, 8)
+            stage1.dataloader = DataLoader(TensorDataset(x, torch.rand(32)), batch_size=16)  # not class indices
+        trainer.fit(tiny_classifier(), datamodule)
+    except ValueError as error:  # every rank must fail (rank 0's error broadcast), none may hang in the broadcast
+        (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"error": str(error)}))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

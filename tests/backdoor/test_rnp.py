@@ -1,4 +1,6 @@
-"""Reconstructive Neuron Pruning (backdoor.md section 8, item 7): mask hook, mask recovery, pruning, the callback."""
+"""Reconstructive Neuron Pruning (backdoor.md section 8, item 7): mask hook, mask recovery, pruning, the callback;
+its move from ``lightning_ft.pruning`` to ``lightning_ft.backdoor`` (issue 11): the old paths warn, old checkpoints
+resume."""
 
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_ft.pruning.rnp as rnp
+import lightning_ft.backdoor.rnp as rnp
+from lightning_ft.backdoor import ReconstructiveNeuronPruning, rnp_prune_, rnp_recover_masks, rnp_unlearn
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier, SmallBNCNN
-from lightning_ft.pruning import ReconstructiveNeuronPruning, rnp_prune_, rnp_recover_masks, rnp_unlearn
 from tests.helpers.models import tiny_classifier
 from tests.helpers.resume import quiet_trainer
 
@@ -253,3 +255,71 @@ def test_apply_without_a_trainer():
 def test_invalid_init_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReconstructiveNeuronPruning(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the move from lightning_ft.pruning (issue 11): the old import paths work for one release, with a FutureWarning
+
+
+@pytest.mark.parametrize("name", ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"])
+def test_the_old_package_names_warn_and_resolve_to_the_backdoor_ones(name):
+    import lightning_ft.backdoor
+    import lightning_ft.pruning
+
+    assert name not in lightning_ft.pruning.__all__ and name in lightning_ft.backdoor.__all__
+    with pytest.warns(FutureWarning, match=rf"lightning_ft\.backdoor import {name}`"):
+        old = getattr(lightning_ft.pruning, name)
+    assert old is getattr(lightning_ft.backdoor, name)
+    with pytest.warns(FutureWarning, match="lightning_ft.backdoor"):
+        exec(f"from lightning_ft.pruning import {name}", {})  # the statement users have in their code
+    with pytest.raises(AttributeError, match="no attribute 'rnp_no_such_name'"):
+        lightning_ft.pruning.rnp_no_such_name  # noqa: B018
+
+
+def test_the_old_module_warns_on_import_and_reexports(monkeypatch):
+    import importlib
+    import sys
+
+    import lightning_ft.pruning
+
+    monkeypatch.delitem(sys.modules, "lightning_ft.pruning.rnp", raising=False)  # imported afresh: it warns
+    monkeypatch.delattr(lightning_ft.pruning, "rnp", raising=False)
+    with pytest.warns(FutureWarning, match=r"`lightning_ft\.pruning\.rnp` moved to `lightning_ft\.backdoor\.rnp`"):
+        old = importlib.import_module("lightning_ft.pruning.rnp")
+    assert old.__all__ == ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(rnp, name)
+    assert old._mask_hook is rnp._mask_hook  # code that reached into the module's private names
+
+
+def test_a_checkpoint_of_the_callback_before_the_move_resumes(tmp_path, monkeypatch):
+    """The state key is the class name, without the module path: a checkpoint written while the class lived in
+    ``lightning_ft.pruning.rnp`` (same key, same state) is found by the moved class, and RNP does not run again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with pytest.warns(FutureWarning):
+        from lightning_ft.pruning import ReconstructiveNeuronPruning as OldPath
+    assert OldPath is ReconstructiveNeuronPruning
+    assert ReconstructiveNeuronPruning(**QUICK).state_key == "ReconstructiveNeuronPruning"  # the pre-move key
+
+    first = OldPath(threshold=0.99, **QUICK)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[first, checkpoint], enable_checkpointing=True).fit(
+        tiny_classifier(), clean_loader()
+    )
+    path = tmp_path / "last.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert "ReconstructiveNeuronPruning" in saved["callbacks"]
+    data = path.read_bytes()  # no module path of the class anywhere in the file (nothing pickled by class)
+    assert b"pruning.rnp" not in data and b"backdoor.rnp" not in data
+
+    def run_again(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("RNP ran again on resume: the checkpointed state was not found")
+
+    monkeypatch.setattr(ReconstructiveNeuronPruning, "_run", run_again)
+    resumed = ReconstructiveNeuronPruning(threshold=0.99, **QUICK)
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[resumed])
+    trainer.fit(tiny_classifier(), clean_loader(), ckpt_path=str(path))
+    assert resumed.done and trainer.global_step == 8 and resumed.report == first.report
+    assert resumed.pruned.keys() == first.pruned.keys()
+    assert all(torch.equal(resumed.pruned[k], first.pruned[k]) for k in first.pruned)

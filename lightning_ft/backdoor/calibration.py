@@ -1,0 +1,251 @@
+"""Trigger-free calibration of TSBD's ``neuron_ratio`` from clean data only (``neuron_ratio="auto"``).
+
+A defender has no poisoned data and no trigger, so the attack success rate cannot guide the choice of how many
+neurons stage 1 reinitialises. What the defender can measure is what the choice costs: whether fine-tuning on the
+clean data repairs the zeroed network. The rule (ours; the paper sweeps the ratio with knowledge of the attack):
+
+1. **Candidates** ``0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5`` (the official sweep's range), scanned from the smallest.
+2. **Repair probe** per candidate and fold (``folds``-fold cross-validation over the clean samples): a copy of the
+   original model, the candidate's weights zeroed (the same NWC, the same ``subweight_ratio``), fine-tuned on the other
+   folds for ``epochs`` epochs with the fit's optimizer (its class and settings; ``SGD(0.01, momentum=0.9)``, the
+   paper's recipe, without a Trainer) on the training loss (the ``lightning_ft_loss`` hook or cross-entropy), then
+   scored on the held-out fold. Every clean sample is held out once; the candidate's *repaired accuracy* is pooled
+   over the folds.
+3. **Choice**: the largest candidate whose repaired accuracy is within ``max_acc_drop`` of the original model's
+   accuracy on the same clean samples, scanning upward and stopping at the first candidate that misses the budget
+   (larger ratios zero more of the network and recover less: a later pass would be noise). Backdoor removal grows
+   with the ratio, so the rule spends the accuracy budget the user allows on removal. When no candidate meets the
+   budget, the smallest is used and a warning says so.
+
+The reference accuracy is the original model's on the clean set, which it may have been trained on (the clean set
+is then part of the attacker's training data): the budget is then stricter than on unseen data.
+
+Reference: the zero reinitialisation being calibrated is from Lin et al., "Unveiling and Mitigating Backdoor
+Vulnerabilities based on Unlearning Weight Changes and Backdoor Activeness", NeurIPS 2024, arXiv:2405.20291.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_ft._internal.batches import inputs_and_labels
+from lightning_ft._internal.forward import model_logits, model_loss
+from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.neurons import NeuronLayer
+from lightning_ft._internal.offline import ContextFactory, OfflinePhase, working_copy
+from lightning_ft.backdoor.functional import select_reinit_weights, zero_reinit_
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "OptimizerFactory",
+    "RatioCalibration",
+    "calibrate_neuron_ratio",
+    "clean_folds",
+    "repaired_accuracy",
+]
+
+DEFAULT_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+"""The neuron ratios ``neuron_ratio="auto"`` tries, smallest first (the official code sweeps 0.01 to 0.9)."""
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+@dataclass
+class RatioCalibration:
+    """The outcome of :func:`calibrate_neuron_ratio`.
+
+    Attributes:
+        ratio: the chosen neuron ratio.
+        rule: ``"largest_within_budget"`` or ``"none_within_budget"`` (the smallest candidate was used).
+        reference_acc: the original model's accuracy on the clean samples.
+        candidates: one row per candidate tried: ``ratio``, ``neurons`` (selected), ``repaired_acc``, ``drop``
+            (``reference_acc - repaired_acc``), ``within_budget``.
+    """
+
+    ratio: float
+    rule: str
+    reference_acc: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    COLUMNS = ("ratio", "neurons", "repaired_acc", "drop", "within_budget")
+
+    def rows(self) -> list[list[Any]]:
+        """The candidate rows as lists in :attr:`COLUMNS` order (for a table)."""
+        return [[row[c] for c in self.COLUMNS] for row in self.candidates]
+
+
+def clean_folds(loader: DataLoader, folds: int, seed: int = 0) -> list[tuple[DataLoader, DataLoader]]:
+    """``folds`` (train, held-out) loader pairs over ``loader``'s samples: a seeded permutation split into ``folds``
+    disjoint held-out parts, each trained on the rest. The loaders keep ``loader``'s batch size and collate function;
+    the training loaders shuffle with a seeded generator.
+
+    Raises:
+        ValueError: when ``loader`` is not a ``DataLoader`` over a map-style dataset with a batch size, or has fewer
+            samples than ``folds``.
+    """
+    if folds < 2:
+        raise ValueError(f"`folds` must be >= 2 (cross-validation holds one fold out), got {folds}.")
+    dataset = getattr(loader, "dataset", None)
+    batch_size = getattr(loader, "batch_size", None) or getattr(
+        getattr(loader, "batch_sampler", None), "batch_size", None
+    )
+    if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__") or not batch_size:
+        raise ValueError(
+            "neuron_ratio='auto' holds clean samples out to score each candidate, so it needs the clean data as a"
+            " DataLoader over a map-style dataset (with __len__ and __getitem__) and a batch_size; got"
+            f" {type(loader).__name__}. Pass such a `dataloader=`, or a numeric `neuron_ratio`."
+        )
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < folds:
+        raise ValueError(f"neuron_ratio='auto' needs at least `folds`={folds} clean samples, got {n}.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    pairs = []
+    for k in range(folds):
+        held = torch.zeros(n, dtype=torch.bool)
+        held[perm[k::folds]] = True
+        train_idx, held_idx = (~held).nonzero().flatten().tolist(), held.nonzero().flatten().tolist()
+        generator = torch.Generator().manual_seed(seed + 1 + k)
+        common = {"batch_size": batch_size, "collate_fn": loader.collate_fn}
+        train = DataLoader(Subset(dataset, train_idx), shuffle=True, generator=generator, **common)  # type: ignore[arg-type]
+        pairs.append((train, DataLoader(Subset(dataset, held_idx), shuffle=False, **common)))  # type: ignore[arg-type]
+    return pairs
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, loader: Iterable[Any], context: ContextFactory) -> tuple[int, int]:
+    correct, total = 0, 0
+    with eval_mode(model):
+        for batch in loader:
+            x, y = inputs_and_labels(batch)
+            with context():
+                pred = model_logits(model, x).argmax(-1).cpu()
+            correct += int((pred == y.cpu()).sum())
+            total += int(y.numel())
+    return correct, total
+
+
+def repaired_accuracy(
+    model: nn.Module,
+    layers_of: Callable[[nn.Module], Sequence[NeuronLayer]],
+    masks: dict[str, Tensor],
+    folds: Sequence[tuple[DataLoader, DataLoader]],
+    epochs: int,
+    optimizer: OptimizerFactory = _sgd,
+    context: ContextFactory = contextlib.nullcontext,
+) -> float:
+    """Held-out accuracy, pooled over ``folds``, of copies of ``model`` with ``masks`` zeroed and then fine-tuned on
+    each fold's training part for ``epochs`` epochs (``model`` itself is left untouched)."""
+    correct, total = 0, 0
+    for train, held_out in folds:
+        probe = working_copy(model)
+        zero_reinit_(layers_of(probe), masks)
+        opt = optimizer(probe.parameters())
+        with torch.enable_grad(), torch.inference_mode(False):
+            probe.train()
+            for _ in range(epochs):
+                for batch in train:
+                    with context():
+                        loss, _, _ = model_loss(probe, batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        c, t = _correct(probe, held_out, context)
+        correct, total = correct + c, total + t
+        del probe, opt
+    return correct / max(total, 1)
+
+
+def calibrate_neuron_ratio(
+    model: nn.Module,
+    changes: dict[str, Tensor],
+    loader: DataLoader,
+    layers_of: Callable[[nn.Module], Sequence[NeuronLayer]],
+    subweight_ratio: float = 0.7,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    max_acc_drop: float = 0.05,
+    folds: int = 5,
+    epochs: int = 20,
+    optimizer: OptimizerFactory = _sgd,
+    context: ContextFactory = contextlib.nullcontext,
+    seed: int = 0,
+    phase: OfflinePhase | None = None,
+) -> RatioCalibration:
+    """Choose TSBD's neuron ratio from clean data only: the largest candidate whose zeroing a short fine-tuning repairs
+    to within ``max_acc_drop`` of the original clean accuracy (held-out folds; see the module docstring).
+
+    Args:
+        model: the original (backdoored) model; untouched.
+        changes: its neuron-weight changes under clean unlearning
+            (:func:`~lightning_ft.backdoor.functional.neuron_weight_changes`).
+        loader: the clean data (a ``DataLoader`` over a map-style dataset).
+        layers_of: the neuron layers of a model (the ones ``changes`` was computed on, found again on a copy).
+        subweight_ratio: stage 1's share of the selected neurons' weights zeroed.
+        candidates: neuron ratios to try, in (0, 1]; scanned in increasing order.
+        max_acc_drop: the accuracy budget, in [0, 1].
+        folds: cross-validation folds (>= 2).
+        epochs: fine-tuning epochs of each repair probe.
+        optimizer: builds the probes' optimizer from their parameters (default ``SGD(lr=0.01, momentum=0.9)``).
+        context: the forward context of the probes (e.g. autocast).
+        seed: seeds the folds and the probes' shuffling.
+        phase: an :class:`~lightning_ft._internal.offline.OfflinePhase` to report progress on (one step per
+            candidate); None: silent.
+
+    Example::
+
+        changes = neuron_weight_changes(model, unlearned, layers)
+        result = calibrate_neuron_ratio(model, changes, clean_loader, lambda m: find_neuron_layers(m))
+        masks, _ = select_reinit_weights(changes, result.ratio, 0.7)
+    """
+    ratios = sorted({float(c) for c in candidates})
+    if not ratios or any(not 0.0 < c <= 1.0 for c in ratios):
+        raise ValueError(f"`candidates` must be a non-empty sequence of ratios in (0, 1], got {list(candidates)!r}.")
+    if not 0.0 <= max_acc_drop <= 1.0:
+        raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
+    if epochs < 1:
+        raise ValueError(f"`epochs` must be >= 1, got {epochs}.")
+    pairs = clean_folds(loader, folds, seed)
+    correct, total = _correct(model, (b for _, held in pairs for b in held), context)
+    reference = correct / max(total, 1)
+    n_neurons = sum(int(c.shape[0]) for c in changes.values())
+    # ratios that select the same number of neurons make the same selection: try each selection once, at least one
+    by_count: dict[int, float] = {}
+    for ratio in ratios:
+        by_count.setdefault(int(n_neurons * ratio), ratio)
+    tried = [r for count, r in sorted(by_count.items()) if count > 0] or [ratios[-1]]
+    rows: list[dict[str, Any]] = []
+    steps = iter(phase) if phase is not None else None
+    try:
+        for ratio in tried:
+            masks, selected = select_reinit_weights(changes, ratio, subweight_ratio)
+            acc = repaired_accuracy(model, layers_of, masks, pairs, epochs, optimizer, context)
+            row = {
+                "ratio": ratio,
+                "neurons": int(sum(int(s.sum()) for s in selected.values())),
+                "repaired_acc": acc,
+                "drop": reference - acc,
+                "within_budget": acc >= reference - max_acc_drop,
+            }
+            rows.append(row)
+            if steps is not None and phase is not None:
+                step = next(steps, len(rows))
+                phase.log(step, ratio=ratio, repaired_acc=acc, reference_acc=reference)
+            if not row["within_budget"]:
+                break
+    finally:
+        if phase is not None:
+            phase.close()
+    passed = [row["ratio"] for row in rows if row["within_budget"]]
+    if passed:
+        return RatioCalibration(passed[-1], "largest_within_budget", reference, rows)
+    return RatioCalibration(tried[0], "none_within_budget", reference, rows)
