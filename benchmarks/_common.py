@@ -58,12 +58,13 @@ class IterationTimer(pl.Callback):
         self._last = now
 
 
-def write_into_card(card: Path, table: str) -> None:
-    """Replace a method card's results section (between the ``results:start`` / ``results:end`` markers)."""
+def write_into_card(card: Path, table: str, marker: str = "results") -> None:
+    """Replace a method card's section between the ``<marker>:start`` / ``<marker>:end`` markers (default: the
+    results section)."""
     text = card.read_text()
-    start = text.index("<!-- results:start")
+    start = text.index(f"<!-- {marker}:start")
     start = text.index("-->", start) + len("-->")
-    end = text.index("<!-- results:end -->")
+    end = text.index(f"<!-- {marker}:end -->")
     card.write_text(text[:start] + "\n" + table + "\n" + text[end:])
 
 

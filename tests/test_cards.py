@@ -30,3 +30,8 @@ def test_flow_block_equals_the_flow_benchmarks():
     files = ("flow_digits.md", "flow_digits_sgd.md")
     expected = "\n\n".join((ROOT / "benchmarks" / "results" / name).read_text().strip() for name in files)
     assert _block(CARDS["rehearsal"].read_text(), "flow") == expected
+
+
+def test_ddp_block_equals_the_stage_one_ddp_benchmark():
+    expected = (ROOT / "benchmarks" / "results" / "backdoor_ddp.md").read_text().strip()
+    assert _block(CARDS["backdoor"].read_text(), "ddp") == expected

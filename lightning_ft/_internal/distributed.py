@@ -82,3 +82,88 @@ def broadcast_from_rank_zero(trainer: Any, compute: Callable[[], T]) -> T:
             rebuilt = RuntimeError(f"rank 0 raised {kind.__name__}: {message}")
         raise rebuilt
     return payload
+
+
+class OfflineGroup:
+    """The processes that run an offline phase (TSBD's clean unlearning, its calibration probes) together.
+
+    With a Trainer under an initialised process group and more than one rank, every rank works on its own shard of
+    the clean data and the ranks meet in ``all_reduce`` calls: summed counts (:meth:`sum`), averaged gradients
+    (:meth:`average_gradients_`), each carrying a failure flag so that an error on one rank is raised on every rank
+    instead of leaving the others waiting. Otherwise (no Trainer, one process) every method is a local no-op.
+
+    Sharding (:meth:`shard`) keeps the single-process arithmetic: rank ``r`` reads samples ``r, r + W, ...`` of the
+    ordered clean set with a per-rank batch of ``ceil(batch_size / W)``, so the ranks' batch ``k`` together hold the
+    single-process batch ``k`` and the averaged gradient is its gradient (exactly when ``W`` divides the batch size and
+    the set). The shards are padded to equal length (as ``DistributedSampler`` does) so that every rank steps the
+    same number of times; :meth:`shard` with ``pad=False`` gives the unpadded shard for counting.
+    """
+
+    def __init__(self, trainer: Any | None) -> None:
+        ready = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if ready and trainer is not None else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def can_shard(self, loader: Any) -> bool:
+        """Whether ``loader`` is a ``DataLoader`` over a map-style dataset with a batch size (else: rank 0 alone)."""
+        from torch.utils.data import DataLoader
+
+        return isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and bool(loader.batch_size)
+
+    def shard(self, loader: Any, pad: bool = True) -> Any:
+        """This rank's ordered shard of ``loader`` (unchanged with one rank)."""
+        if not self.distributed:
+            return loader
+        from torch.utils.data import DataLoader, Subset
+
+        n = len(loader.dataset)
+        indices = list(range(self.rank, n, self.world_size))
+        per_rank = -(-n // self.world_size)
+        if pad and len(indices) < per_rank:
+            indices += list(range(per_rank - len(indices)))  # repeat the first samples, as DistributedSampler pads
+        batch_size = -(-loader.batch_size // self.world_size)
+        return DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, collate_fn=loader.collate_fn)
+
+    def sum(self, values: torch.Tensor, failed: BaseException | None = None) -> torch.Tensor:
+        """``values`` summed over ranks; raises on every rank when any rank passed ``failed``."""
+        if not self.distributed:
+            if failed is not None:
+                raise failed
+            return values
+        flag = torch.tensor([1.0 if failed is not None else 0.0], dtype=values.dtype, device=values.device)
+        buffer = torch.cat([values.flatten(), flag])
+        dist.all_reduce(buffer)
+        self._raise_if_failed(buffer[-1], failed)
+        return buffer[:-1].view_as(values)
+
+    def average_gradients_(self, params: list[torch.nn.Parameter], failed: BaseException | None = None) -> None:
+        """Average the gradients of ``params`` over ranks in place (a missing gradient counts as zero); raises on every
+        rank when any rank passed ``failed``."""
+        if not self.distributed:
+            if failed is not None:
+                raise failed
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        device = params[0].device
+        flat = torch.cat([g.detach().flatten().float() for g in grads] + [torch.zeros(1, device=device)])
+        if failed is not None:
+            flat.zero_()
+            flat[-1] = 1.0
+        dist.all_reduce(flat)
+        self._raise_if_failed(flat[-1], failed)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def _raise_if_failed(self, flag: torch.Tensor, failed: BaseException | None) -> None:
+        if float(flag) > 0:
+            if failed is not None:
+                raise failed
+            raise RuntimeError("another rank failed in this offline phase (its error is raised there)")

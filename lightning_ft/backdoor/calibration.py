@@ -27,6 +27,7 @@ Vulnerabilities based on Unlearning Weight Changes and Backdoor Activeness", Neu
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_ft._internal.batches import inputs_and_labels
+from lightning_ft._internal.distributed import OfflineGroup
 from lightning_ft._internal.forward import model_logits, model_loss
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
@@ -48,7 +50,7 @@ __all__ = [
     "RatioCalibration",
     "calibrate_neuron_ratio",
     "clean_folds",
-    "repaired_accuracy",
+    "repaired_counts",
 ]
 
 DEFAULT_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -135,7 +137,7 @@ def _correct(model: nn.Module, loader: Iterable[Any], context: ContextFactory) -
     return correct, total
 
 
-def repaired_accuracy(
+def repaired_counts(
     model: nn.Module,
     layers_of: Callable[[nn.Module], Sequence[NeuronLayer]],
     masks: dict[str, Tensor],
@@ -143,9 +145,9 @@ def repaired_accuracy(
     epochs: int,
     optimizer: OptimizerFactory = _sgd,
     context: ContextFactory = contextlib.nullcontext,
-) -> float:
-    """Held-out accuracy, pooled over ``folds``, of copies of ``model`` with ``masks`` zeroed and then fine-tuned on
-    each fold's training part for ``epochs`` epochs (``model`` itself is left untouched)."""
+) -> tuple[int, int]:
+    """Held-out ``(correct, total)`` predictions, pooled over ``folds``, of copies of ``model`` with ``masks`` zeroed
+    and then fine-tuned on each fold's training part for ``epochs`` epochs (``model`` itself is left untouched)."""
     correct, total = 0, 0
     for train, held_out in folds:
         probe = working_copy(model)
@@ -163,7 +165,19 @@ def repaired_accuracy(
         c, t = _correct(probe, held_out, context)
         correct, total = correct + c, total + t
         del probe, opt
-    return correct / max(total, 1)
+    return correct, total
+
+
+def _counts(group: OfflineGroup, device: torch.device, count: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """``count()`` in this process, summed over ``group``'s ranks (an error on any rank is raised on every rank)."""
+    failed: BaseException | None = None
+    local = (0, 0)
+    try:
+        local = count()
+    except Exception as error:  # raised by group.sum, on every rank
+        failed = error
+    summed = group.sum(torch.tensor([float(local[0]), float(local[1])], dtype=torch.float64, device=device), failed)
+    return int(summed[0]), int(summed[1])
 
 
 def calibrate_neuron_ratio(
@@ -180,6 +194,7 @@ def calibrate_neuron_ratio(
     context: ContextFactory = contextlib.nullcontext,
     seed: int = 0,
     phase: OfflinePhase | None = None,
+    group: OfflineGroup | None = None,
 ) -> RatioCalibration:
     """Choose TSBD's neuron ratio from clean data only: the largest candidate whose zeroing a short fine-tuning repairs
     to within ``max_acc_drop`` of the original clean accuracy (held-out folds; see the module docstring).
@@ -200,6 +215,9 @@ def calibrate_neuron_ratio(
         seed: seeds the folds and the probes' shuffling.
         phase: an :class:`~lightning_ft._internal.offline.OfflinePhase` to report progress on (one step per
             candidate); None: silent.
+        group: shares the probes out over ranks (:class:`~lightning_ft._internal.distributed.OfflineGroup`): rank
+            ``r`` runs folds ``r, r + W, ...`` and the held-out counts are summed, so every rank reaches the same
+            choice; None: every fold in this process.
 
     Example::
 
@@ -214,9 +232,12 @@ def calibrate_neuron_ratio(
         raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
     if epochs < 1:
         raise ValueError(f"`epochs` must be >= 1, got {epochs}.")
-    pairs = clean_folds(loader, folds, seed)
-    correct, total = _correct(model, (b for _, held in pairs for b in held), context)
-    reference = correct / max(total, 1)
+    group = group if group is not None else OfflineGroup(None)
+    # every rank splits the same way (same seed) and runs its share of the folds
+    pairs = clean_folds(loader, folds, seed)[group.rank :: group.world_size]
+    device = next(iter(model.parameters())).device
+    counts = _counts(group, device, lambda: _correct(model, (b for _, held in pairs for b in held), context))
+    reference = counts[0] / max(counts[1], 1)
     n_neurons = sum(int(c.shape[0]) for c in changes.values())
     # ratios that select the same number of neurons make the same selection: try each selection once, at least one
     by_count: dict[int, float] = {}
@@ -228,7 +249,9 @@ def calibrate_neuron_ratio(
     try:
         for ratio in tried:
             masks, selected = select_reinit_weights(changes, ratio, subweight_ratio)
-            acc = repaired_accuracy(model, layers_of, masks, pairs, epochs, optimizer, context)
+            probes = functools.partial(repaired_counts, model, layers_of, masks, pairs, epochs, optimizer, context)
+            correct, total = _counts(group, device, probes)
+            acc = correct / max(total, 1)
             row = {
                 "ratio": ratio,
                 "neurons": int(sum(int(s.sum()) for s in selected.values())),

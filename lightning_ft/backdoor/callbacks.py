@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
-from lightning_ft._internal.distributed import broadcast_from_rank_zero
-from lightning_ft._internal.forward import model_dtype, model_logits, model_loss
+from lightning_ft._internal.distributed import OfflineGroup, broadcast_from_rank_zero
+from lightning_ft._internal.forward import _device, model_dtype, model_logits, model_loss
 from lightning_ft._internal.logging import log_histogram, log_scalars, log_table
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
@@ -73,24 +73,38 @@ def _fit_optimizer(trainer: pl.Trainer) -> OptimizerFactory | None:
 
 @torch.no_grad()
 def _accuracy_and_classes(
-    model: nn.Module, loader: Iterable[Any], context: ContextFactory = contextlib.nullcontext
+    model: nn.Module,
+    loader: Iterable[Any],
+    context: ContextFactory = contextlib.nullcontext,
+    group: OfflineGroup | None = None,
 ) -> tuple[float, int]:
     """Eval-mode accuracy over ``loader`` and the number of distinct predicted classes (forward passes under
-    ``context()``, e.g. the Trainer's autocast)."""
-    correct, total, seen = 0, 0, torch.zeros(0, dtype=torch.long)
-    with eval_mode(model):
-        for batch in loader:
-            x, y = inputs_and_labels(batch)
-            with context():
-                logits = model_logits(model, x)
-            pred = logits.argmax(-1).cpu()
-            y = y.cpu()
-            correct += int((pred == y).sum())
-            total += int(y.numel())
-            seen = torch.unique(torch.cat([seen, pred.flatten()]))
+    ``context()``, e.g. the Trainer's autocast); with a distributed ``group``, over every rank's ``loader``."""
+    correct, total, counts = 0, 0, torch.zeros(0, dtype=torch.long)
+    failed: BaseException | None = None
+    try:
+        with eval_mode(model):
+            for batch in loader:
+                x, y = inputs_and_labels(batch)
+                with context():
+                    logits = model_logits(model, x)
+                pred = logits.argmax(-1).cpu().flatten()
+                correct += int((pred == y.cpu().flatten()).sum())
+                total += int(y.numel())
+                counts = counts if counts.numel() else torch.zeros(logits.shape[-1], dtype=torch.long)
+                counts += torch.bincount(pred, minlength=counts.numel())
+    except Exception as error:  # raised below, on every rank of a group
+        failed = error
+    if group is not None and group.distributed:
+        # every rank's shard holds samples (checked before), so every rank knows the number of classes
+        local = torch.cat([counts.double(), torch.tensor([float(correct), float(total)], dtype=torch.float64)])
+        summed = group.sum(local.to(_device(model)), failed).cpu()
+        counts, correct, total = summed[:-2], int(summed[-2]), int(summed[-1])
+    elif failed is not None:
+        raise failed
     if total == 0:
         raise ValueError("the clean data loader is empty: TSBD's clean unlearning needs clean samples.")
-    return correct / total, int(seen.numel())
+    return correct / total, int((counts > 0).sum())
 
 
 def clean_unlearning(
@@ -105,6 +119,7 @@ def clean_unlearning(
     trainer: pl.Trainer | None = None,
     trainer_precision: bool = True,
     verbose: bool = False,
+    group: OfflineGroup | None = None,
 ) -> tuple[int, str]:
     """TSBD's clean unlearning, in place on ``model`` (pass a copy): gradient *ascent* on the training loss over clean
     data with SGD until eval-mode clean accuracy <= ``stop_acc``, all predictions collapse to one class, or
@@ -121,21 +136,41 @@ def clean_unlearning(
             ``bf16-mixed``) as :func:`~lightning_ft._internal.offline.forward_context` decides (never for the float32
             copy of a ``bf16-true`` model); False: never.
         verbose: a log line per epoch (clean accuracy, predicted classes).
+        group: data-parallel unlearning (:class:`~lightning_ft._internal.distributed.OfflineGroup`): every rank steps
+            on its shard of ``loader`` (a ``DataLoader`` over a map-style dataset with at least one sample per rank)
+            with the gradients averaged over ranks, the stop rule counts every rank's samples, and every copy stays
+            identical; None: this process alone on the whole ``loader``.
+
+    Raises:
+        ValueError: on a clean batch TSBD cannot use (:func:`~lightning_ft.backdoor.checks.check_clean_batch`).
     """
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    group = group if group is not None else OfflineGroup(None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
     phase = OfflinePhase("TSBD clean unlearning", max_epochs, trainer, progress=progress, verbose=verbose)
     context: ContextFactory = forward_context(trainer, model) if trainer_precision else contextlib.nullcontext
-    check_clean_batch(model, loader, context)  # >= 2 classes, class-index labels: before any ascent step
+    steps, counted = group.shard(loader), group.shard(loader, pad=False)
+    failed: BaseException | None = None
+    try:
+        check_clean_batch(model, steps, context)  # >= 2 classes, class-index labels: before any ascent step
+    except ValueError as error:
+        failed = error
+    group.sum(torch.zeros(1, device=_device(model)), failed)  # a bad batch on any rank fails every rank
     try:
         for epoch in phase:
             model.train()
-            for batch in loader:
-                with context():
-                    loss, _, _ = model_loss(model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                (-loss).backward()
+            for batch in steps:  # the padded shards give every rank the same number of steps
+                failed = None
+                try:
+                    with context():
+                        loss, _, _ = model_loss(model, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    (-loss).backward()
+                except Exception as error:  # raised by average_gradients_, on every rank
+                    failed = error
+                group.average_gradients_(params, failed)
                 optimizer.step()
-            acc, n_classes = _accuracy_and_classes(model, loader, context)
+            acc, n_classes = _accuracy_and_classes(model, counted, context, group)
             phase.log(epoch, clean_acc=acc, predicted_classes=n_classes)
             if acc <= stop_acc:
                 return epoch, "accuracy"
@@ -161,9 +196,11 @@ class NeuronWeightChangeReinit(Callback):
     the unlearning runs on a float32 copy and the weight changes are taken in float32; under ``bf16-mixed`` the
     forward passes run under the Trainer's autocast.
 
-    The user's weights are only touched after unlearning and selection succeeded. Under DDP, rank 0 unlearns on the
-    whole clean set (on a copy with plain BatchNorms under ``sync_batchnorm=True``) and broadcasts the selection, so
-    all ranks zero the same weights. The callback state records that
+    The user's weights are only touched after unlearning and selection succeeded. Under DDP the unlearning (and the
+    ``auto`` calibration) is data-parallel: every rank works on its shard of the ordered clean set with the gradients
+    averaged over ranks (a copy with plain BatchNorms), and rank 0's selection is broadcast, so all ranks zero the
+    same weights; a clean ``dataloader`` that is not a ``DataLoader`` over a map-style dataset is unlearned on rank 0
+    alone, and an error there is raised on every rank. The callback state records that
     stage 1 ran, so a fit resumed from its checkpoint does not run it again; an instance reused for a new fit starts
     afresh. The state is stored under the class name, so a resume finds it whatever unlearning or display arguments
     changed; the selection's arguments (``neuron_ratio``, ``subweight_ratio``, ``layer_types``, ``include``,
@@ -306,13 +343,17 @@ class NeuronWeightChangeReinit(Callback):
             return  # resumed after stage 1: never run it twice
         start = time.perf_counter()
         layers = self.layers(pl_module)
-        # rank 0 selects; an error there is raised on every rank (no rank waits for a broadcast that never comes)
-        payload = broadcast_from_rank_zero(
-            trainer,
-            lambda: self._select(
-                clean_loader(trainer, self.dataloader, type(self).__name__), pl_module, layers, trainer
-            ),
-        )
+        loader = clean_loader(trainer, self.dataloader, type(self).__name__)
+        group = OfflineGroup(trainer)
+        if group.distributed and group.can_shard(loader) and len(loader.dataset) >= group.world_size:  # type: ignore[attr-defined]
+            # data-parallel: every rank unlearns (and calibrates) on its shard in lockstep, so every rank computes the
+            # same selection; rank 0's masks are broadcast all the same (the ranks then agree bit for bit)
+            payload = self._select(loader, pl_module, layers, trainer, group)
+            payload["masks"] = trainer.strategy.broadcast(payload["masks"], src=0)
+        else:
+            # rank 0 alone (one process, or clean data that cannot be sharded); an error there is raised on every
+            # rank (no rank waits for a broadcast that never comes)
+            payload = broadcast_from_rank_zero(trainer, lambda: self._select(loader, pl_module, layers, trainer))
         masks = {k: v.to(pl_module.device) for k, v in payload["masks"].items()}
         zeroed = zero_reinit_(layers, masks)
         self.done = True
@@ -342,10 +383,16 @@ class NeuronWeightChangeReinit(Callback):
         return dict(self.report)
 
     def _select(
-        self, loader: Iterable[Any], pl_module: nn.Module, layers: list[NeuronLayer], trainer: pl.Trainer | None
+        self,
+        loader: Iterable[Any],
+        pl_module: nn.Module,
+        layers: list[NeuronLayer],
+        trainer: pl.Trainer | None,
+        group: OfflineGroup | None = None,
     ) -> dict[str, Any]:
-        # the user's model is untouched until the selection succeeded; the copy has plain BatchNorms (rank 0 unlearns
-        # alone: a SyncBatchNorm would wait for the other ranks) and is float32 for low-precision weights (bf16-true):
+        # the user's model is untouched until the selection succeeded; the copy has plain BatchNorms (each rank
+        # normalises its own batches; a SyncBatchNorm would be a collective outside the fit's steps) and is float32 for
+        # low-precision weights (bf16-true):
         # the original's weights converted to float32 are exactly the copy's starting point, so the changes below
         # compare float32 with float32; clean_unlearning runs it under the matching forward context
         unlearned = working_copy(pl_module)
@@ -361,13 +408,14 @@ class NeuronWeightChangeReinit(Callback):
                 progress=self.progress_bar if trainer is not None else bool(self.progress_bar),
                 trainer=trainer,
                 verbose=trainer is not None,
+                group=group,
             )
         changes = neuron_weight_changes(pl_module, unlearned, layers)
         check_weight_changes(changes, layers, self.lr_unlearn)  # all-zero NWC: an error, weights untouched
         del unlearned
         ratio = self.neuron_ratio
         if ratio == "auto":
-            self.calibration = self._calibrate(pl_module, changes, loader, trainer)
+            self.calibration = self._calibrate(pl_module, changes, loader, trainer, group)
             ratio = self.calibration.ratio
         masks, selected = select_reinit_weights(changes, float(ratio), self.subweight_ratio)
         masks = drop_unchanged(changes, masks)  # a weight whose change is 0 is never zeroed
@@ -386,7 +434,12 @@ class NeuronWeightChangeReinit(Callback):
         return {"masks": {k: v.cpu() for k, v in masks.items()}, "report": report, "nwc": nwc}
 
     def _calibrate(
-        self, pl_module: nn.Module, changes: dict[str, Tensor], loader: Iterable[Any], trainer: pl.Trainer | None
+        self,
+        pl_module: nn.Module,
+        changes: dict[str, Tensor],
+        loader: Iterable[Any],
+        trainer: pl.Trainer | None,
+        group: OfflineGroup | None = None,
     ) -> RatioCalibration:
         """``neuron_ratio="auto"``: the largest candidate ratio whose zeroing a repair probe recovers to within
         ``max_acc_drop`` (:func:`~lightning_ft.backdoor.calibration.calibrate_neuron_ratio`)."""
@@ -421,6 +474,7 @@ class NeuronWeightChangeReinit(Callback):
                 context=context,
                 seed=self.calibration_seed,
                 phase=phase,
+                group=group,
             )
         if result.rule == "none_within_budget":
             rank_zero_warn(

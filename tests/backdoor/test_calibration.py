@@ -58,9 +58,9 @@ def _fake_repair(monkeypatch, accuracy_of_neurons):
     def fake(model, layers_of, masks, folds, epochs, optimizer, context):
         selected = int(masks["a"].any(1).sum())
         tried.append(selected)
-        return accuracy_of_neurons(selected)
+        return round(1000 * accuracy_of_neurons(selected)), 1000  # (correct, total) held-out predictions
 
-    monkeypatch.setattr(calibration, "repaired_accuracy", fake)
+    monkeypatch.setattr(calibration, "repaired_counts", fake)
     return tried
 
 
@@ -165,13 +165,13 @@ def test_callback_zeroes_the_selection_of_the_ratio_it_chose_and_reports_the_can
 
 def test_probes_use_the_fits_optimizer(monkeypatch):
     built = []
-    original = calibration.repaired_accuracy
+    original = calibration.repaired_counts
 
     def spy(model, layers_of, masks, folds, epochs, optimizer, context):
         built.append((optimizer(torch.nn.Linear(1, 1).parameters()), epochs))
         return original(model, layers_of, masks, folds, epochs, optimizer, context)
 
-    monkeypatch.setattr(calibration, "repaired_accuracy", spy)
+    monkeypatch.setattr(calibration, "repaired_counts", spy)
     module = ImageClassifier(width=4, lr=0.123, momentum=0.5, seed=3)
     callback = NeuronWeightChangeReinit(**{**AUTO, "calibration_epochs": None, "calibration_candidates": [0.1]})
     quiet_trainer(max_epochs=2, callbacks=[callback]).fit(module, DataLoader(clean_data(), batch_size=16))
@@ -203,3 +203,15 @@ def test_apply_calibrates_without_a_trainer():
     report = NeuronWeightChangeReinit(**AUTO).apply(module, DataLoader(clean_data(), batch_size=16))
     assert report["neuron_ratio"] in DEFAULT_CANDIDATES and report["calibration"]
     assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), before.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_auto_calibration_under_bf16(precision):
+    # the probes are float32 working copies of a bf16-true model (no bf16 context for them); bf16-mixed autocasts
+    module = ImageClassifier(width=4, lr=0.0, momentum=0.0, seed=3)
+    callback = NeuronWeightChangeReinit(**AUTO)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], precision=precision)
+    trainer.fit(module, DataLoader(clean_data(), batch_size=16))
+    report = callback.report
+    assert report["neuron_ratio"] in DEFAULT_CANDIDATES and report["zeroed_weights"] > 0
+    assert all(0.0 <= row["repaired_acc"] <= 1.0 for row in report["calibration"])

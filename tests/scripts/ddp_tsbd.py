@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning, NeuronWeightChangeReinit, tsbd
 from tests.helpers.data import small_digits_datamodule
-from tests.helpers.models import tiny_classifier
+from tests.helpers.models import tiny_classifier, tiny_mlp_classifier
 
 
 def _flat(pl_module: pl.LightningModule) -> torch.Tensor:
@@ -47,6 +47,7 @@ class Checker(pl.Callback):
         self.batch_fingerprints: list[float] = []
         self.zeros_before = -1
         self.zeros_after_stage1 = -1
+        self.zero_positions: list[int] = []
 
     def _rank_diff(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         gathered = trainer.strategy.all_gather(_flat(pl_module))  # (world, P)
@@ -70,6 +71,7 @@ class Checker(pl.Callback):
         assert self.stage1.done, "the checker must run after stage 1"
         self.stage1_diff = self._rank_diff(trainer, pl_module)
         self.zeros_after_stage1 = _zeros(pl_module, self.stage1)
+        self.zero_positions = (_flat(pl_module) == 0).nonzero().flatten().tolist()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -91,6 +93,7 @@ class Checker(pl.Callback):
             "stage2_steps": self.stage2.steps,
             "zeros_before": self.zeros_before,
             "zeros_after_stage1": self.zeros_after_stage1,
+            "zero_positions": self.zero_positions,
             "params": _flat(pl_module).tolist(),
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
@@ -100,8 +103,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["penalty", "clip"], required=True)
     parser.add_argument("--skip-g2-reduce", action="store_true")
+    parser.add_argument("--model", choices=["bn_cnn", "mlp"], default="bn_cnn")
     parser.add_argument("--auto", action="store_true", help='neuron_ratio="auto" (calibrated on rank 0)')
-    parser.add_argument("--bad-labels", action="store_true", help="float labels: stage 1 fails on rank 0")
+    parser.add_argument(
+        "--bad-labels",
+        choices=["loader", "batches"],
+        help="float labels in stage 1's clean data: a DataLoader (every rank unlearns its shard and fails) or a list of"
+        " batches (cannot be sharded: rank 0 alone fails, its error is broadcast)",
+    )
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -133,9 +142,9 @@ def main() -> None:
         if args.bad_labels:
             from torch.utils.data import DataLoader, TensorDataset
 
-            x = torch.rand(32, 1, 8, 8)
-            stage1.dataloader = DataLoader(TensorDataset(x, torch.rand(32)), batch_size=16)  # not class indices
-        trainer.fit(tiny_classifier(), datamodule)
+            bad = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.rand(32)), batch_size=16)  # float labels
+            stage1.dataloader = bad if args.bad_labels == "loader" else list(bad)  # type: ignore[assignment]
+        trainer.fit(tiny_classifier() if args.model == "bn_cnn" else tiny_mlp_classifier(), datamodule)
     except ValueError as error:  # every rank must fail (rank 0's error broadcast), none may hang in the broadcast
         (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"error": str(error)}))
     finally:
