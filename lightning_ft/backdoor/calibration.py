@@ -42,15 +42,19 @@ from lightning_ft._internal.forward import model_logits, model_loss
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
 from lightning_ft._internal.offline import ContextFactory, OfflinePhase, working_copy
+from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.functional import select_reinit_weights, zero_reinit_
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "Calibration",
+    "Edit",
     "OptimizerFactory",
-    "RatioCalibration",
     "calibrate_neuron_ratio",
+    "check_calibration_arguments",
     "clean_folds",
     "repaired_counts",
+    "scan_candidates",
 ]
 
 DEFAULT_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -64,27 +68,74 @@ def _sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 @dataclass
-class RatioCalibration:
-    """The outcome of :func:`calibrate_neuron_ratio`.
+class Calibration:
+    """The outcome of a calibration (:func:`calibrate_neuron_ratio`, RNP's threshold).
 
     Attributes:
-        ratio: the chosen neuron ratio.
+        value: the chosen candidate (TSBD: the neuron ratio; RNP: the mask threshold).
         rule: ``"largest_within_budget"`` or ``"none_within_budget"`` (the smallest candidate was used).
         reference_acc: the original model's accuracy on the clean samples.
-        candidates: one row per candidate tried: ``ratio``, ``neurons`` (selected), ``repaired_acc``, ``drop``
-            (``reference_acc - repaired_acc``), ``within_budget``.
+        candidates: one row per candidate tried: the candidate (under ``key``), how many neurons or channels it edits
+            (under ``size_key``), ``repaired_acc``, ``drop`` (``reference_acc - repaired_acc``), ``within_budget``.
     """
 
-    ratio: float
+    value: float
     rule: str
     reference_acc: float
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    key: str = "ratio"
+    size_key: str = "neurons"
 
-    COLUMNS = ("ratio", "neurons", "repaired_acc", "drop", "within_budget")
+    @property
+    def ratio(self) -> float:
+        """TSBD's name for :attr:`value`."""
+        return self.value
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The keys of a candidate row, in table order."""
+        return (self.key, self.size_key, "repaired_acc", "drop", "within_budget")
 
     def rows(self) -> list[list[Any]]:
-        """The candidate rows as lists in :attr:`COLUMNS` order (for a table)."""
-        return [[row[c] for c in self.COLUMNS] for row in self.candidates]
+        """The candidate rows as lists in :attr:`columns` order (for a table)."""
+        return [[row[c] for c in self.columns] for row in self.candidates]
+
+
+@dataclass
+class Edit:
+    """One candidate of a calibration: what it does to a probe (a copy of the model).
+
+    Attributes:
+        value: the candidate (a neuron ratio, a mask threshold).
+        size: how many neurons or channels it edits (candidates of equal size are the same edit: tried once).
+        apply: edits a probe in place before its fine-tuning.
+        hold: re-applied after every optimizer step of the probe (e.g. pruned channels held at zero); None: nothing.
+    """
+
+    value: float
+    size: int
+    apply: Callable[[nn.Module], Any]
+    hold: Callable[[nn.Module], Any] | None = None
+
+
+def check_calibration_arguments(
+    candidates: Sequence[float], max_acc_drop: float, folds: int, epochs: int | None, what: str, zero_ok: bool
+) -> tuple[float, ...]:
+    """Validate a callback's ``"auto"`` arguments at construction (before any expensive phase); returns the
+    candidates as floats. ``what`` names them in the error (``"ratios"``, ``"thresholds"``); ``zero_ok``: 0 is a valid
+    candidate (a threshold) or not (a ratio)."""
+    values = list(candidates)
+    low_ok = (lambda c: c >= 0.0) if zero_ok else (lambda c: c > 0.0)
+    if not values or any(
+        isinstance(c, bool) or not isinstance(c, (int, float)) or not (low_ok(c) and c <= 1.0) for c in values
+    ):
+        interval = "[0, 1]" if zero_ok else "(0, 1]"
+        raise ValueError(f"`calibration_candidates` must be {what} in {interval}, got {candidates!r}.")
+    if not 0.0 <= max_acc_drop <= 1.0:
+        raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
+    check_int("calibration_folds", folds, minimum=2)
+    check_int("calibration_epochs", epochs, allow_none=True)
+    return tuple(float(c) for c in values)
 
 
 def clean_folds(loader: DataLoader, folds: int, seed: int = 0) -> list[tuple[DataLoader, DataLoader]]:
@@ -104,13 +155,13 @@ def clean_folds(loader: DataLoader, folds: int, seed: int = 0) -> list[tuple[Dat
     )
     if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__") or not batch_size:
         raise ValueError(
-            "neuron_ratio='auto' holds clean samples out to score each candidate, so it needs the clean data as a"
-            " DataLoader over a map-style dataset (with __len__ and __getitem__) and a batch_size; got"
-            f" {type(loader).__name__}. Pass such a `dataloader=`, or a numeric `neuron_ratio`."
+            "an 'auto' calibration (TSBD's neuron_ratio, RNP's threshold) holds clean samples out to score each"
+            " candidate, so it needs the clean data as a DataLoader over a map-style dataset (with __len__ and"
+            f" __getitem__) and a batch_size; got {type(loader).__name__}. Pass such a `dataloader=`, or a number."
         )
     n = len(dataset)  # type: ignore[arg-type]
     if n < folds:
-        raise ValueError(f"neuron_ratio='auto' needs at least `folds`={folds} clean samples, got {n}.")
+        raise ValueError(f"an 'auto' calibration needs at least `folds`={folds} clean samples, got {n}.")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     pairs = []
     for k in range(folds):
@@ -139,19 +190,19 @@ def _correct(model: nn.Module, loader: Iterable[Any], context: ContextFactory) -
 
 def repaired_counts(
     model: nn.Module,
-    layers_of: Callable[[nn.Module], Sequence[NeuronLayer]],
-    masks: dict[str, Tensor],
+    edit: Edit,
     folds: Sequence[tuple[DataLoader, DataLoader]],
     epochs: int,
     optimizer: OptimizerFactory = _sgd,
     context: ContextFactory = contextlib.nullcontext,
 ) -> tuple[int, int]:
-    """Held-out ``(correct, total)`` predictions, pooled over ``folds``, of copies of ``model`` with ``masks`` zeroed
-    and then fine-tuned on each fold's training part for ``epochs`` epochs (``model`` itself is left untouched)."""
+    """Held-out ``(correct, total)`` predictions, pooled over ``folds``, of copies of ``model`` edited by ``edit`` and
+    then fine-tuned on each fold's training part for ``epochs`` epochs (0: scored as edited); ``model`` itself is left
+    untouched."""
     correct, total = 0, 0
     for train, held_out in folds:
         probe = working_copy(model)
-        zero_reinit_(layers_of(probe), masks)
+        edit.apply(probe)
         opt = optimizer(probe.parameters())
         with torch.enable_grad(), torch.inference_mode(False):
             probe.train()
@@ -162,6 +213,8 @@ def repaired_counts(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if edit.hold is not None:
+                        edit.hold(probe)
         c, t = _correct(probe, held_out, context)
         correct, total = correct + c, total + t
         del probe, opt
@@ -180,6 +233,70 @@ def _counts(group: OfflineGroup, device: torch.device, count: Callable[[], tuple
     return int(summed[0]), int(summed[1])
 
 
+def scan_candidates(
+    model: nn.Module,
+    loader: DataLoader,
+    edits: Sequence[Edit],
+    max_acc_drop: float = 0.05,
+    folds: int = 5,
+    epochs: int = 20,
+    optimizer: OptimizerFactory = _sgd,
+    context: ContextFactory = contextlib.nullcontext,
+    seed: int = 0,
+    phase: OfflinePhase | None = None,
+    group: OfflineGroup | None = None,
+    key: str = "ratio",
+    size_key: str = "neurons",
+) -> Calibration:
+    """The calibration rule on any family of edits: ``edits`` in increasing order (equal sizes tried once, an edit of
+    size 0 never), each scored by repair probes on held-out folds (:func:`repaired_counts`); the largest within
+    ``max_acc_drop`` of the original accuracy before the first miss, else the smallest (``"none_within_budget"``).
+    See :func:`calibrate_neuron_ratio` for the arguments; ``key``/``size_key`` name the row entries."""
+    if not 0.0 <= max_acc_drop <= 1.0:
+        raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
+    if epochs < 0:
+        raise ValueError(f"`epochs` must be >= 0, got {epochs}.")
+    if not edits:
+        raise ValueError("no candidate to calibrate on.")
+    group = group if group is not None else OfflineGroup(None)
+    # every rank splits the same way (same seed) and runs its share of the folds
+    pairs = clean_folds(loader, folds, seed)[group.rank :: group.world_size]
+    device = next(iter(model.parameters())).device
+    counts = _counts(group, device, lambda: _correct(model, (b for _, held in pairs for b in held), context))
+    reference = counts[0] / max(counts[1], 1)
+    # edits of the same size are the same edit (the same top neurons or channels): try each once
+    by_size: dict[int, Edit] = {}
+    for edit in sorted(edits, key=lambda e: e.value):
+        by_size.setdefault(edit.size, edit)
+    tried = [e for size, e in sorted(by_size.items()) if size > 0] or [max(edits, key=lambda e: e.value)]
+    rows: list[dict[str, Any]] = []
+    steps = iter(phase) if phase is not None else None
+    try:
+        for edit in tried:
+            probes = functools.partial(repaired_counts, model, edit, pairs, epochs, optimizer, context)
+            correct, total = _counts(group, device, probes)
+            acc = correct / max(total, 1)
+            row = {
+                key: edit.value,
+                size_key: edit.size,
+                "repaired_acc": acc,
+                "drop": reference - acc,
+                "within_budget": acc >= reference - max_acc_drop,
+            }
+            rows.append(row)
+            if steps is not None and phase is not None:
+                phase.log(next(steps, len(rows)), **{key: edit.value}, repaired_acc=acc, reference_acc=reference)
+            if not row["within_budget"]:
+                break
+    finally:
+        if phase is not None:
+            phase.close()
+    passed = [row[key] for row in rows if row["within_budget"]]
+    if passed:
+        return Calibration(passed[-1], "largest_within_budget", reference, rows, key, size_key)
+    return Calibration(tried[0].value, "none_within_budget", reference, rows, key, size_key)
+
+
 def calibrate_neuron_ratio(
     model: nn.Module,
     changes: dict[str, Tensor],
@@ -195,7 +312,7 @@ def calibrate_neuron_ratio(
     seed: int = 0,
     phase: OfflinePhase | None = None,
     group: OfflineGroup | None = None,
-) -> RatioCalibration:
+) -> Calibration:
     """Choose TSBD's neuron ratio from clean data only: the largest candidate whose zeroing a short fine-tuning repairs
     to within ``max_acc_drop`` of the original clean accuracy (held-out folds; see the module docstring).
 
@@ -228,47 +345,14 @@ def calibrate_neuron_ratio(
     ratios = sorted({float(c) for c in candidates})
     if not ratios or any(not 0.0 < c <= 1.0 for c in ratios):
         raise ValueError(f"`candidates` must be a non-empty sequence of ratios in (0, 1], got {list(candidates)!r}.")
-    if not 0.0 <= max_acc_drop <= 1.0:
-        raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
     if epochs < 1:
         raise ValueError(f"`epochs` must be >= 1, got {epochs}.")
-    group = group if group is not None else OfflineGroup(None)
-    # every rank splits the same way (same seed) and runs its share of the folds
-    pairs = clean_folds(loader, folds, seed)[group.rank :: group.world_size]
-    device = next(iter(model.parameters())).device
-    counts = _counts(group, device, lambda: _correct(model, (b for _, held in pairs for b in held), context))
-    reference = counts[0] / max(counts[1], 1)
     n_neurons = sum(int(c.shape[0]) for c in changes.values())
-    # ratios that select the same number of neurons make the same selection: try each selection once, at least one
-    by_count: dict[int, float] = {}
-    for ratio in ratios:
-        by_count.setdefault(int(n_neurons * ratio), ratio)
-    tried = [r for count, r in sorted(by_count.items()) if count > 0] or [ratios[-1]]
-    rows: list[dict[str, Any]] = []
-    steps = iter(phase) if phase is not None else None
-    try:
-        for ratio in tried:
-            masks, selected = select_reinit_weights(changes, ratio, subweight_ratio)
-            probes = functools.partial(repaired_counts, model, layers_of, masks, pairs, epochs, optimizer, context)
-            correct, total = _counts(group, device, probes)
-            acc = correct / max(total, 1)
-            row = {
-                "ratio": ratio,
-                "neurons": int(sum(int(s.sum()) for s in selected.values())),
-                "repaired_acc": acc,
-                "drop": reference - acc,
-                "within_budget": acc >= reference - max_acc_drop,
-            }
-            rows.append(row)
-            if steps is not None and phase is not None:
-                step = next(steps, len(rows))
-                phase.log(step, ratio=ratio, repaired_acc=acc, reference_acc=reference)
-            if not row["within_budget"]:
-                break
-    finally:
-        if phase is not None:
-            phase.close()
-    passed = [row["ratio"] for row in rows if row["within_budget"]]
-    if passed:
-        return RatioCalibration(passed[-1], "largest_within_budget", reference, rows)
-    return RatioCalibration(tried[0], "none_within_budget", reference, rows)
+
+    def edit(ratio: float) -> Edit:
+        masks, _ = select_reinit_weights(changes, ratio, subweight_ratio)
+        return Edit(ratio, int(n_neurons * ratio), lambda probe: zero_reinit_(layers_of(probe), masks))
+
+    return scan_candidates(
+        model, loader, [edit(r) for r in ratios], max_acc_drop, folds, epochs, optimizer, context, seed, phase, group
+    )

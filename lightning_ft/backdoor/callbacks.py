@@ -27,9 +27,10 @@ from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.calibration import (
     DEFAULT_CANDIDATES,
+    Calibration,
     OptimizerFactory,
-    RatioCalibration,
     calibrate_neuron_ratio,
+    check_calibration_arguments,
 )
 from lightning_ft.backdoor.checks import (
     check_clean_batch,
@@ -266,15 +267,9 @@ class NeuronWeightChangeReinit(Callback):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 hint = " or 'auto' (calibrated on clean data)" if name == "neuron_ratio" else ""
                 raise ValueError(f"`{name}` must be in (0, 1]{hint}, got {value!r}.")
-        candidates = list(calibration_candidates)
-        if not candidates or any(
-            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c <= 1.0 for c in candidates
-        ):
-            raise ValueError(f"`calibration_candidates` must be ratios in (0, 1], got {calibration_candidates!r}.")
-        if not 0.0 <= max_acc_drop <= 1.0:
-            raise ValueError(f"`max_acc_drop` must be in [0, 1], got {max_acc_drop}.")
-        check_int("calibration_folds", calibration_folds, minimum=2)
-        check_int("calibration_epochs", calibration_epochs, allow_none=True)
+        candidates = check_calibration_arguments(
+            calibration_candidates, max_acc_drop, calibration_folds, calibration_epochs, "ratios", zero_ok=False
+        )
         if not 0.0 <= unlearn_stop_acc <= 1.0:
             raise ValueError(f"`unlearn_stop_acc` must be in [0, 1], got {unlearn_stop_acc}.")
         if not lr_unlearn > 0:
@@ -283,10 +278,10 @@ class NeuronWeightChangeReinit(Callback):
         check_layer_types(layer_types)
         self.neuron_ratio: float | str = "auto" if neuron_ratio == "auto" else float(neuron_ratio)
         self.subweight_ratio = float(subweight_ratio)
-        self.max_acc_drop, self.calibration_candidates = float(max_acc_drop), tuple(float(c) for c in candidates)
+        self.max_acc_drop, self.calibration_candidates = float(max_acc_drop), candidates
         self.calibration_folds, self.calibration_epochs = calibration_folds, calibration_epochs
         self.calibration_seed = calibration_seed
-        self.calibration: RatioCalibration | None = None  # the last calibration in this process (not checkpointed)
+        self.calibration: Calibration | None = None  # the last calibration in this process (not checkpointed)
         self.lr_unlearn, self.momentum = lr_unlearn, momentum
         self.max_unlearn_epochs, self.unlearn_stop_acc = max_unlearn_epochs, unlearn_stop_acc
         self.stop_on_single_class = stop_on_single_class
@@ -363,7 +358,7 @@ class NeuronWeightChangeReinit(Callback):
         metrics["backdoor/nwc_seconds"] = self.seconds
         log_scalars(trainer, metrics)
         if self.report.get("calibration"):
-            columns = RatioCalibration.COLUMNS
+            columns = list(self.report["calibration"][0])
             rows = [[row[c] for c in columns] for row in self.report["calibration"]]
             log_table(trainer, "backdoor/calibration", columns, rows)
         if payload.get("nwc") is not None:
@@ -440,7 +435,7 @@ class NeuronWeightChangeReinit(Callback):
         loader: Iterable[Any],
         trainer: pl.Trainer | None,
         group: OfflineGroup | None = None,
-    ) -> RatioCalibration:
+    ) -> Calibration:
         """``neuron_ratio="auto"``: the largest candidate ratio whose zeroing a repair probe recovers to within
         ``max_acc_drop`` (:func:`~lightning_ft.backdoor.calibration.calibrate_neuron_ratio`)."""
         optimizer: OptimizerFactory | None = None

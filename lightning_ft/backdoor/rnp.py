@@ -25,30 +25,36 @@ is its class name, so checkpoints written before the move resume unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
 from lightning_ft._internal.distributed import broadcast_from_rank_zero
-from lightning_ft._internal.forward import _device, has_user_loss, logits_of, model_loss
-from lightning_ft._internal.logging import log_histogram, log_scalars
+from lightning_ft._internal.forward import _device, has_user_loss, logits_of, model_dtype, model_loss
+from lightning_ft._internal.logging import log_histogram, log_scalars, log_table
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers
-from lightning_ft._internal.offline import OfflinePhase, forward_context, working_copy
+from lightning_ft._internal.offline import LOW_PRECISION, OfflinePhase, forward_context, working_copy
 from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
+from lightning_ft.backdoor.calibration import Calibration, Edit, check_calibration_arguments, scan_candidates
 
-__all__ = ["ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
+__all__ = ["DEFAULT_THRESHOLDS", "ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
 
 _RNP_CHANGED = "its weights were pruned with other channels (RNP never runs twice in a fit)"
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""The mask thresholds ``threshold="auto"`` tries, smallest first (the official sweep: 0 to 0.9 by 0.05)."""
+DEFAULT_PROBE_EPOCHS = 20
+"""Repair-probe epochs of ``threshold="auto"`` with fine-tuning, without a Trainer ``max_epochs``."""
 
 
 def _batchnorms(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[NeuronLayer]:
@@ -238,9 +244,18 @@ class ReconstructiveNeuronPruning(Callback):
     stored under the class name, so a resume finds it whatever unlearning, recovery or display arguments changed;
     ``threshold``, ``include`` and ``exclude`` must stay the same (else ``ValueError``).
 
+    ``threshold="auto"`` (the default) chooses the threshold from clean data only, with TSBD's rule
+    (:func:`~lightning_ft.backdoor.calibration.scan_candidates`): the largest candidate whose pruning the clean
+    fine-tuning that follows repairs to within ``max_acc_drop`` of the original clean accuracy, measured on held-out
+    folds by probes fine-tuned with the fit's optimizer for ``calibration_epochs`` (default: the fit's ``max_epochs``)
+    with the pruned channels held at zero; with ``finetune=False`` the probes are scored as pruned, without
+    fine-tuning. The masks themselves are learned on the whole clean set (the probes' held-out folds included).
+
     Args:
-        threshold: prune channels with mask ``<= threshold`` (the official README's example: 0.2). Choose it on
-            clean data; the right value depends on the model (see the method card).
+        threshold: prune channels with mask ``<= threshold`` (the official README's example: 0.2), or ``"auto"``.
+        max_acc_drop, calibration_candidates, calibration_folds, calibration_epochs, calibration_seed: ``"auto"``:
+            the accuracy budget, the thresholds tried (smallest first), the folds, the probes' fine-tuning epochs
+            (None: the fit's ``max_epochs``) and the seed of the folds.
         unlearn_lr, unlearn_momentum, unlearn_weight_decay: SGD of the unlearning (official 0.01, 0.9, 5e-4).
         unlearn_epochs: cap on unlearning epochs (official 20).
         unlearn_stop_acc: stop when the epoch's running train-mode accuracy is at most this (official 0.2).
@@ -263,7 +278,7 @@ class ReconstructiveNeuronPruning(Callback):
 
     def __init__(
         self,
-        threshold: float = 0.2,
+        threshold: float | Literal["auto"] = "auto",
         unlearn_lr: float = 0.01,
         unlearn_momentum: float = 0.9,
         unlearn_weight_decay: float = 5e-4,
@@ -281,10 +296,20 @@ class ReconstructiveNeuronPruning(Callback):
         dataloader: Iterable[Any] | None = None,
         progress_bar: bool | None = None,
         verbose: bool = False,
+        max_acc_drop: float = 0.05,
+        calibration_candidates: Sequence[float] = DEFAULT_THRESHOLDS,
+        calibration_folds: int = 5,
+        calibration_epochs: int | None = None,
+        calibration_seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"`threshold` must be in [0, 1] (masks live there), got {threshold}.")
+        if threshold != "auto" and (
+            isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0
+        ):
+            raise ValueError(f"`threshold` must be in [0, 1] (masks live there) or 'auto', got {threshold!r}.")
+        candidates = check_calibration_arguments(
+            calibration_candidates, max_acc_drop, calibration_folds, calibration_epochs, "thresholds", zero_ok=True
+        )
         if not 0.0 <= unlearn_stop_acc <= 1.0:
             raise ValueError(f"`unlearn_stop_acc` must be in [0, 1], got {unlearn_stop_acc}.")
         for name, value in (("unlearn_lr", unlearn_lr), ("mask_lr", mask_lr), ("alpha", alpha)):
@@ -294,7 +319,10 @@ class ReconstructiveNeuronPruning(Callback):
             raise ValueError(f"`unlearn_clip_norm` must be > 0 or None, got {unlearn_clip_norm}.")
         check_int("unlearn_epochs", unlearn_epochs)
         check_int("mask_epochs", mask_epochs)
-        self.threshold = threshold
+        self.threshold: float | str = "auto" if threshold == "auto" else float(threshold)
+        self.max_acc_drop, self.calibration_candidates = float(max_acc_drop), candidates
+        self.calibration_folds, self.calibration_epochs = calibration_folds, calibration_epochs
+        self.calibration_seed = calibration_seed
         self.unlearn_lr, self.unlearn_momentum = unlearn_lr, unlearn_momentum
         self.unlearn_weight_decay, self.unlearn_epochs = unlearn_weight_decay, unlearn_epochs
         self.unlearn_stop_acc, self.unlearn_clip_norm = unlearn_stop_acc, unlearn_clip_norm
@@ -310,6 +338,7 @@ class ReconstructiveNeuronPruning(Callback):
         self.pruned: dict[str, Tensor] = {}
         self.report: dict[str, Any] = {}
         self.masks: dict[str, Tensor] | None = None  # the recovered masks (rank 0, not checkpointed)
+        self.calibration: Calibration | None = None  # threshold="auto": the last calibration (not checkpointed)
         self.seconds: float | None = None  # wall time of RNP in this process (not checkpointed)
         self._held: list[tuple[Tensor, Tensor]] = []  # (gamma, pruned indices on its device) for keep_pruned
 
@@ -322,7 +351,11 @@ class ReconstructiveNeuronPruning(Callback):
 
     def _pruning_arguments(self) -> dict[str, Any]:
         """The arguments that define which channels were pruned: a resume must keep them."""
-        return {"threshold": self.threshold, "include": list(self.include), "exclude": list(self.exclude)}
+        arguments: dict[str, Any] = {"threshold": self.threshold, "include": list(self.include)}
+        arguments["exclude"] = list(self.exclude)
+        if self.threshold == "auto":
+            arguments["max_acc_drop"] = self.max_acc_drop
+        return arguments
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -336,7 +369,7 @@ class ReconstructiveNeuronPruning(Callback):
     def apply(self, model: nn.Module, dataloader: Iterable[Any]) -> dict[str, Any]:
         """RNP on ``model`` in this process, without a Trainer; returns the report (``self.masks`` holds the masks)."""
         payload = self._run(model, dataloader)
-        self.pruned = rnp_prune_(model, payload["masks"], self.threshold)
+        self.pruned = rnp_prune_(model, payload["masks"], payload["report"]["threshold"])
         self.report = payload["report"]
         return dict(self.report)
 
@@ -372,14 +405,80 @@ class ReconstructiveNeuronPruning(Callback):
         del unlearned
         self.masks = {k: v.cpu() for k, v in masks.items()}
         flat = torch.cat(list(self.masks.values()))
+        threshold = self.threshold
+        extra: dict[str, Any] = {}
+        if threshold == "auto":
+            self.calibration = self._calibrate(model, self.masks, loader, trainer)
+            threshold = self.calibration.value
+            extra = {
+                "calibration_rule": self.calibration.rule,
+                "calibration_reference_acc": self.calibration.reference_acc,
+                "calibration": [dict(row) for row in self.calibration.candidates],
+            }
         report = {
             "unlearn_epochs": epochs,
             "unlearn_acc": acc,
             "channels": int(flat.numel()),
-            "pruned_channels": int((flat <= self.threshold).sum()),
+            "pruned_channels": int((flat <= float(threshold)).sum()),
+            "threshold": float(threshold),
+            **extra,
         }
         self.seconds = time.perf_counter() - start
         return {"masks": self.masks, "report": report}
+
+    def _calibrate(
+        self, model: nn.Module, masks: dict[str, Tensor], loader: Iterable[Any], trainer: pl.Trainer | None
+    ) -> Calibration:
+        """``threshold="auto"``: the largest candidate whose pruning (and the fine-tuning after it, unless
+        ``finetune=False``) keeps held-out clean accuracy within ``max_acc_drop``."""
+        from lightning_ft.backdoor.callbacks import DEFAULT_CALIBRATION_EPOCHS, _default_probe_optimizer, _fit_optimizer
+
+        epochs = 0
+        if self.finetune:
+            epochs = self.calibration_epochs or DEFAULT_CALIBRATION_EPOCHS
+            if self.calibration_epochs is None and trainer is not None and (trainer.max_epochs or 0) > 0:
+                epochs = int(trainer.max_epochs)  # type: ignore[arg-type]
+        optimizer = (_fit_optimizer(trainer) if trainer is not None else None) or _default_probe_optimizer
+        flat = torch.cat(list(masks.values()))
+
+        def edit(t: float) -> Edit:
+            def prune(probe: nn.Module) -> None:
+                rnp_prune_(probe, masks, t)
+
+            return Edit(t, int((flat <= t).sum()), prune, prune if self.keep_pruned else None)
+
+        phase = OfflinePhase(
+            "RNP threshold calibration",
+            len(self.calibration_candidates),
+            trainer,
+            progress=self.progress_bar if trainer is not None else bool(self.progress_bar),
+            verbose=self.verbose,
+        )
+        with torch.enable_grad(), torch.inference_mode(False):
+            result = scan_candidates(
+                model,
+                loader,  # type: ignore[arg-type]
+                [edit(t) for t in self.calibration_candidates],
+                max_acc_drop=self.max_acc_drop,
+                folds=self.calibration_folds,
+                epochs=epochs,
+                optimizer=optimizer,
+                # the probes are float32 working copies of a low-precision model: no half-precision context for them
+                context=contextlib.nullcontext
+                if model_dtype(model) in LOW_PRECISION
+                else forward_context(trainer, model),
+                seed=self.calibration_seed,
+                phase=phase,
+                key="threshold",
+                size_key="channels",
+            )
+        if result.rule == "none_within_budget":
+            rank_zero_warn(
+                f"ReconstructiveNeuronPruning(threshold='auto'): no candidate threshold kept the clean accuracy within"
+                f" max_acc_drop={self.max_acc_drop} of {result.reference_acc:.3f}; using the smallest that prunes a"
+                f" channel, {result.value}, which may leave a backdoor in place."
+            )
+        return result
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -391,10 +490,15 @@ class ReconstructiveNeuronPruning(Callback):
         payload = broadcast_from_rank_zero(
             trainer, lambda: self._run(pl_module, clean_loader(trainer, self.dataloader, type(self).__name__), trainer)
         )
-        self.pruned = rnp_prune_(pl_module, payload["masks"], self.threshold)
+        self.pruned = rnp_prune_(pl_module, payload["masks"], payload["report"]["threshold"])
         self.report, self.done = payload["report"], True
         self._hold(pl_module)
-        log_scalars(trainer, {f"rnp/{k}": float(v) for k, v in self.report.items()})
+        log_scalars(trainer, {f"rnp/{k}": float(v) for k, v in self.report.items() if isinstance(v, (int, float))})
+        if self.report.get("calibration"):
+            columns = list(self.report["calibration"][0])
+            log_table(
+                trainer, "rnp/calibration", columns, [[r[c] for c in columns] for r in self.report["calibration"]]
+            )
         if self.seconds is not None:
             log_scalars(trainer, {"rnp/seconds": self.seconds})
         log_histogram(trainer, "rnp/masks", torch.cat(list(payload["masks"].values())))

@@ -78,7 +78,7 @@ class BackdoorDemoConfig:
     alpha: float = 0.7
     r: float = 0.05
     clip_factor: float = 1.0
-    rnp_threshold: float = 0.2
+    rnp_threshold: float | str = "auto"
     kinds: tuple[str, ...] = field(default_factory=lambda: KINDS)
 
     def __post_init__(self) -> None:
@@ -221,7 +221,8 @@ def defend(
         row["stage1_seconds"] = time.perf_counter() - start
     elif kind == "rnp":  # the official protocol: unlearn, recover masks, prune; no fine-tuning
         loader = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=True)
-        row["rnp"] = ReconstructiveNeuronPruning(threshold=config.rnp_threshold).apply(module, loader)
+        # finetune=False: an "auto" threshold is scored on the pruned model as it is (no fine-tuning follows)
+        row["rnp"] = ReconstructiveNeuronPruning(threshold=config.rnp_threshold, finetune=False).apply(module, loader)
     elif kind == "rnp_ft":  # RNP, then the same fine-tuning as vanilla FT with the pruned channels held at 0
         loader = DataLoader(setup.clean, batch_size=config.finetune_batch_size, shuffle=True)
         rnp = ReconstructiveNeuronPruning(threshold=config.rnp_threshold)

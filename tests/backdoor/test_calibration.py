@@ -55,8 +55,8 @@ def _fake_repair(monkeypatch, accuracy_of_neurons):
     """Replace the repair probe by a table: repaired accuracy as a function of the number of selected neurons."""
     tried = []
 
-    def fake(model, layers_of, masks, folds, epochs, optimizer, context):
-        selected = int(masks["a"].any(1).sum())
+    def fake(model, edit, folds, epochs, optimizer, context):
+        selected = edit.size
         tried.append(selected)
         return round(1000 * accuracy_of_neurons(selected)), 1000  # (correct, total) held-out predictions
 
@@ -70,7 +70,6 @@ def _calibrate(**kwargs):
         model.weight.zero_()
         model.bias.copy_(torch.tensor([1.0, 0.0]))
     loader = DataLoader(TensorDataset(torch.zeros(6, 1), torch.zeros(6, dtype=torch.long)), batch_size=2)
-    # subweight_ratio 1: every weight of a selected neuron is zeroed, so the masks show which neurons were selected
     return calibrate_neuron_ratio(model, changes_for(100), loader, lambda m: [], subweight_ratio=1.0, **kwargs)
 
 
@@ -167,9 +166,9 @@ def test_probes_use_the_fits_optimizer(monkeypatch):
     built = []
     original = calibration.repaired_counts
 
-    def spy(model, layers_of, masks, folds, epochs, optimizer, context):
+    def spy(model, edit, folds, epochs, optimizer, context):
         built.append((optimizer(torch.nn.Linear(1, 1).parameters()), epochs))
-        return original(model, layers_of, masks, folds, epochs, optimizer, context)
+        return original(model, edit, folds, epochs, optimizer, context)
 
     monkeypatch.setattr(calibration, "repaired_counts", spy)
     module = ImageClassifier(width=4, lr=0.123, momentum=0.5, seed=3)

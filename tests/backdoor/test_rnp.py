@@ -225,7 +225,8 @@ def test_apply_without_a_trainer():
     before = copy.deepcopy(model)
     callback = ReconstructiveNeuronPruning(threshold=0.99, **QUICK)
     report = callback.apply(model, clean_loader())
-    assert report == callback.report and set(report) == {"unlearn_epochs", "unlearn_acc", "channels", "pruned_channels"}
+    keys = {"unlearn_epochs", "unlearn_acc", "channels", "pruned_channels", "threshold"}
+    assert report == callback.report and set(report) == keys and report["threshold"] == 0.99
     assert report["channels"] == 28 and 0 < report["pruned_channels"] < 28
     assert callback.seconds is not None and callback.seconds > 0
     assert set(callback.pruned) == {"features.1", "features.4", "features.8"}
@@ -323,3 +324,67 @@ def test_a_checkpoint_of_the_callback_before_the_move_resumes(tmp_path, monkeypa
     assert resumed.done and trainer.global_step == 8 and resumed.report == first.report
     assert resumed.pruned.keys() == first.pruned.keys()
     assert all(torch.equal(resumed.pruned[k], first.pruned[k]) for k in first.pruned)
+
+
+# --- threshold="auto" ------------------------------------------------------------------------------------------------
+
+AUTO = {**QUICK, "calibration_epochs": 1, "calibration_folds": 2}
+
+
+def test_auto_threshold_is_the_default_and_prunes_at_the_chosen_threshold():
+    assert ReconstructiveNeuronPruning().threshold == "auto"
+    model = trained_cnn()
+    callback = ReconstructiveNeuronPruning(**AUTO)
+    report = callback.apply(model, clean_loader())
+    rows = report["calibration"]
+    assert rows and [r["threshold"] for r in rows] == sorted(r["threshold"] for r in rows)
+    chosen = report["threshold"]
+    if report["calibration_rule"] == "largest_within_budget":
+        assert chosen == [r["threshold"] for r in rows if r["within_budget"]][-1]
+    assert callback.masks is not None
+    flat = torch.cat(list(callback.masks.values()))
+    assert report["pruned_channels"] == int((flat <= chosen).sum())
+    assert sum(int(idx.numel()) for idx in callback.pruned.values()) == report["pruned_channels"]
+    for row in rows:  # each row's size is the number of channels its threshold prunes
+        assert row["channels"] == int((flat <= row["threshold"]).sum())
+
+
+@pytest.mark.parametrize(("finetune", "epochs"), [(True, 1), (False, 0)])
+def test_auto_probes_fine_tune_only_when_the_fit_does(monkeypatch, finetune, epochs):
+    import lightning_ft.backdoor.calibration as calibration
+
+    seen = []
+    original = calibration.repaired_counts
+
+    def spy(model, edit, folds, n_epochs, optimizer, context):
+        seen.append((n_epochs, edit.hold is not None))
+        return original(model, edit, folds, n_epochs, optimizer, context)
+
+    monkeypatch.setattr(calibration, "repaired_counts", spy)
+    ReconstructiveNeuronPruning(**AUTO, finetune=finetune).apply(trained_cnn(), clean_loader())
+    assert seen and all(e == epochs for e, _ in seen)
+    assert all(hold for _, hold in seen)  # keep_pruned: the probes hold the pruned gamma at zero too
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": "best"}, "threshold"),
+        ({"calibration_candidates": []}, "calibration_candidates"),
+        ({"calibration_candidates": [0.1, 1.5]}, "calibration_candidates"),
+        ({"max_acc_drop": 2.0}, "max_acc_drop"),
+        ({"calibration_folds": 1}, "calibration_folds"),
+    ],
+)
+def test_auto_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReconstructiveNeuronPruning(**kwargs)
+
+
+def test_resume_refuses_another_threshold_rule():
+    state = {"done": True, "pruned": {}, "report": {}, "arguments": ReconstructiveNeuronPruning()._pruning_arguments()}
+    ReconstructiveNeuronPruning().load_state_dict(state)
+    with pytest.raises(ValueError, match="threshold"):
+        ReconstructiveNeuronPruning(threshold=0.2).load_state_dict(state)
+    with pytest.raises(ValueError, match="max_acc_drop"):
+        ReconstructiveNeuronPruning(max_acc_drop=0.2).load_state_dict(state)
