@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_rows", "broadcast_from_rank_zero", "gather_uneven", "shard_indices"]
+__all__ = ["OfflineGroup", "all_gather_rows", "broadcast_from_rank_zero", "gather_uneven", "shard_indices"]
 
 T = TypeVar("T")
 

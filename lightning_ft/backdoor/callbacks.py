@@ -65,8 +65,9 @@ def _fit_optimizer(trainer: pl.Trainer) -> OptimizerFactory | None:
             return type(template)(params, **settings)
         except TypeError as error:
             raise ValueError(
-                f"neuron_ratio='auto' fine-tunes its repair probes with the fit's optimizer, but"
-                f" {type(template).__name__}(params, **defaults) failed ({error}). Pass a numeric `neuron_ratio`."
+                f"an 'auto' calibration fine-tunes its repair probes with the fit's optimizer, but"
+                f" {type(template).__name__}(params, **defaults) failed ({error}). Pass a number instead of 'auto'"
+                " (`neuron_ratio`, `threshold`)."
             ) from error
 
     return build
