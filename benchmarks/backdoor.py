@@ -39,7 +39,7 @@ from _common import interleaved_step_times, put_mean_std, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
-from lightning_ft.demos.backdoor import KINDS, BackdoorDemoConfig, defend, evaluate_state, prepare
+from lightning_ft.demos.backdoor import KINDS, BackdoorDemoConfig, defend, defend_all, evaluate_state, prepare
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
 
@@ -60,8 +60,6 @@ SWEEP = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
 METRICS = ("acc", "asr", "ra", "der", "acc_drop")
 # the targets for TSBD at its defaults: mean ASR <= 0.10 and a mean clean-accuracy drop <= 5 points
 TARGET_ASR, TARGET_DROP = 0.10, 0.05
-# defenses that reuse the ratio the penalty run's calibration chose
-REUSE_RATIO = ("stage1_only", "stage1_ft", "tsbd_clip")
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
@@ -99,23 +97,14 @@ def bench_effect(
                 digest = weights_hash(setup.backdoored_state)
                 before = evaluate_state(config, setup)
                 print(f"{arch} {attack} seed {seed}: backdoored acc {before['acc']:.3f} asr {before['asr']:.3f}")
-                chosen: float | None = None
-                # the penalty run calibrates first; the runs that reuse its ratio come after it
-                order = sorted(applicable, key=lambda k: (k in REUSE_RATIO, KINDS.index(k)))
-                for kind in order:
-                    if kind == "no_defense":
-                        row = dict(before)
-                    else:
-                        ratio = chosen if kind in REUSE_RATIO and chosen is not None else config.neuron_ratio
-                        row = defend(replace(config, neuron_ratio=ratio), setup, kind)
-                    if kind == "tsbd_penalty":
-                        chosen = row["stage1"]["neuron_ratio"]
+                # stage1_only, stage1_ft and tsbd_clip reuse the ratio the penalty run's calibration chose
+                for row in defend_all(config, setup, applicable):
                     row = {**{k: v for k, v in row.items() if k != "nwc"}, "attack_seconds": setup.attack_seconds}
                     row["weights_sha256"] = digest
                     if "stage1" in row:
                         row["neuron_ratio"] = row["stage1"]["neuron_ratio"]
                     runs.append(_with_der(row, before))
-                    print(f"  {kind}: acc {row['acc']:.3f} asr {row['asr']:.3f} ra {row['ra']:.3f}", flush=True)
+                    print(f"  {row['kind']}: acc {row['acc']:.3f} asr {row['asr']:.3f} ra {row['ra']:.3f}", flush=True)
                 if seed == seeds[0]:
                     for ratio in sweep:
                         row = defend(replace(config, neuron_ratio=ratio), setup, "tsbd_penalty")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-__all__ = ["clean_loader", "inputs_and_labels"]
+__all__ = ["clean_loader", "inputs_and_labels", "loader_batch_size"]
 
 _KEY_PAIRS = (("image", "label"), ("pixel_values", "labels"), ("x", "y"))
 
@@ -32,6 +32,17 @@ def inputs_and_labels(batch: Any) -> tuple[Tensor, Tensor]:
     )
 
 
+def loader_batch_size(loader: Any) -> int | None:
+    """The batch size of a ``DataLoader``: its ``batch_size``, else its ``batch_sampler``'s; None for anything else
+    (another iterable, no automatic batching)."""
+    if not isinstance(loader, DataLoader):
+        return None
+    batch_size = (
+        loader.batch_size if loader.batch_size is not None else getattr(loader.batch_sampler, "batch_size", None)
+    )
+    return batch_size if isinstance(batch_size, int) and batch_size >= 1 else None
+
+
 def clean_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, owner: str) -> Iterable[Any]:
     """The clean data a defense runs on: ``dataloader`` if given, else the fit's whole training set in order, read
     without the distributed sampler (rank 0 runs on all of it). ``owner`` names the callback in the error.
@@ -50,10 +61,8 @@ def clean_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, owner: s
             f"{owner} reads the clean data from the fit's single training DataLoader; pass `dataloader=` explicitly"
             " for other setups."
         )
-    batch_size = loader.batch_size
-    if batch_size is None:  # a batch_sampler (or no automatic batching)
-        batch_size = getattr(loader.batch_sampler, "batch_size", None)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    batch_size = loader_batch_size(loader)
+    if batch_size is None:
         raise ValueError(
             f"{owner} reads the fit's training set in order with the loader's batch size, but the training DataLoader"
             f" has none (batch_size={loader.batch_size!r}, batch_sampler={type(loader.batch_sampler).__name__});"

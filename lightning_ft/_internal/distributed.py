@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from lightning_ft._internal.batches import loader_batch_size
+
 __all__ = ["OfflineGroup", "all_gather_rows", "broadcast_from_rank_zero", "gather_uneven", "shard_indices"]
 
 T = TypeVar("T")
@@ -110,9 +112,7 @@ class OfflineGroup:
 
     def can_shard(self, loader: Any) -> bool:
         """Whether ``loader`` is a ``DataLoader`` over a map-style dataset with a batch size (else: rank 0 alone)."""
-        from torch.utils.data import DataLoader
-
-        return isinstance(loader, DataLoader) and hasattr(loader.dataset, "__len__") and bool(loader.batch_size)
+        return loader_batch_size(loader) is not None and hasattr(loader.dataset, "__len__")
 
     def shard(self, loader: Any, pad: bool = True) -> Any:
         """This rank's ordered shard of ``loader`` (unchanged with one rank)."""
@@ -125,7 +125,7 @@ class OfflineGroup:
         per_rank = -(-n // self.world_size)
         if pad and len(indices) < per_rank:
             indices += list(range(per_rank - len(indices)))  # repeat the first samples, as DistributedSampler pads
-        batch_size = -(-loader.batch_size // self.world_size)
+        batch_size = -(-loader_batch_size(loader) // self.world_size)  # type: ignore[operator]
         return DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, collate_fn=loader.collate_fn)
 
     def sum(self, values: torch.Tensor, failed: BaseException | None = None) -> torch.Tensor:

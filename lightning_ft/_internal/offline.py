@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_ft._internal.forward import model_dtype
 
-__all__ = ["LOW_PRECISION", "OfflinePhase", "forward_context", "show_progress", "working_copy"]
+__all__ = ["LOW_PRECISION", "OfflinePhase", "copy_forward_context", "forward_context", "show_progress", "working_copy"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 """Floating dtypes whose models get a float32 :func:`working_copy`."""
@@ -65,6 +65,14 @@ def forward_context(trainer: pl.Trainer | None, model: nn.Module) -> ContextFact
     if trained is not None and model_dtype(trained) in LOW_PRECISION and model_dtype(model) not in LOW_PRECISION:
         return contextlib.nullcontext
     return trainer.precision_plugin.forward_context
+
+
+def copy_forward_context(trainer: pl.Trainer | None, model: nn.Module) -> ContextFactory:
+    """:func:`forward_context` for the :func:`working_copy` of ``model``, decided without making the copy (for phases
+    that make many copies, e.g. repair probes): none when the copy is the float32 copy of a low-precision model."""
+    if model_dtype(model) in LOW_PRECISION:
+        return contextlib.nullcontext
+    return forward_context(trainer, model)
 
 
 def show_progress(trainer: pl.Trainer | None, progress: bool | None = None) -> bool:

@@ -32,27 +32,34 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_ft._internal.batches import inputs_and_labels
+from lightning_ft._internal.batches import inputs_and_labels, loader_batch_size
 from lightning_ft._internal.distributed import OfflineGroup
 from lightning_ft._internal.forward import model_logits, model_loss
+from lightning_ft._internal.logging import log_table
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft._internal.neurons import NeuronLayer
-from lightning_ft._internal.offline import ContextFactory, OfflinePhase, working_copy
+from lightning_ft._internal.offline import ContextFactory, OfflinePhase, copy_forward_context, working_copy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.functional import select_reinit_weights, zero_reinit_
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "DEFAULT_PROBE_EPOCHS",
     "Calibration",
     "Edit",
     "OptimizerFactory",
     "calibrate_neuron_ratio",
     "check_calibration_arguments",
     "clean_folds",
+    "log_calibration",
+    "prediction_counts",
+    "probe_recipe",
     "repaired_counts",
     "scan_candidates",
 ]
@@ -60,11 +67,48 @@ __all__ = [
 DEFAULT_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 """The neuron ratios ``neuron_ratio="auto"`` tries, smallest first (the official code sweeps 0.01 to 0.9)."""
 
+DEFAULT_PROBE_EPOCHS = 20
+"""Repair-probe epochs when neither the callback nor the Trainer (``max_epochs``) says how many."""
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def _sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)  # the paper's fine-tuning recipe
+
+
+def _fit_optimizer(trainer: pl.Trainer) -> OptimizerFactory | None:
+    """A factory for the fit's first optimizer: its class with its constructor settings (``defaults``)."""
+    if not trainer.optimizers:
+        return None
+    template = trainer.optimizers[0]
+    settings = dict(template.defaults)
+
+    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        try:
+            return type(template)(params, **settings)
+        except TypeError as error:
+            raise ValueError(
+                f"an 'auto' calibration fine-tunes its repair probes with the fit's optimizer, but"
+                f" {type(template).__name__}(params, **defaults) failed ({error}). Pass a number instead of 'auto'"
+                " (`neuron_ratio`, `threshold`)."
+            ) from error
+
+    return build
+
+
+def probe_recipe(
+    trainer: pl.Trainer | None, model: nn.Module, epochs: int | None
+) -> tuple[int, OptimizerFactory, ContextFactory]:
+    """How the repair probes of an ``"auto"`` calibration fine-tune copies of ``model``: ``epochs`` (None: the fit's
+    ``max_epochs``, else :data:`DEFAULT_PROBE_EPOCHS`), the fit's first optimizer (its class and constructor
+    settings; ``SGD(0.01, momentum=0.9)``, the paper's recipe, without one), and the forward context of a float32
+    working copy (:func:`~lightning_ft._internal.offline.copy_forward_context`)."""
+    if epochs is None:
+        max_epochs = trainer.max_epochs if trainer is not None else None
+        epochs = max_epochs if max_epochs is not None and max_epochs > 0 else DEFAULT_PROBE_EPOCHS
+    optimizer = (_fit_optimizer(trainer) if trainer is not None else None) or _sgd
+    return epochs, optimizer, copy_forward_context(trainer, model)
 
 
 @dataclass
@@ -91,14 +135,34 @@ class Calibration:
         """TSBD's name for :attr:`value`."""
         return self.value
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The keys of a candidate row, in table order."""
-        return (self.key, self.size_key, "repaired_acc", "drop", "within_budget")
+    def report(self) -> dict[str, Any]:
+        """The entries a callback's ``report`` (and checkpoint) keeps: ``calibration_rule``,
+        ``calibration_reference_acc`` and the ``calibration`` rows."""
+        return {
+            "calibration_rule": self.rule,
+            "calibration_reference_acc": self.reference_acc,
+            "calibration": [dict(row) for row in self.candidates],
+        }
 
-    def rows(self) -> list[list[Any]]:
-        """The candidate rows as lists in :attr:`columns` order (for a table)."""
-        return [[row[c] for c in self.columns] for row in self.candidates]
+    def warn_if_outside_budget(self, owner: str, max_acc_drop: float) -> None:
+        """A warning (rank 0) when no candidate met the budget and the smallest was used; ``owner`` names the caller
+        (e.g. ``"NeuronWeightChangeReinit(neuron_ratio='auto')"``)."""
+        if self.rule != "none_within_budget":
+            return
+        first = self.candidates[0]
+        rank_zero_warn(
+            f"{owner}: no candidate was repaired to within max_acc_drop={max_acc_drop} of the clean"
+            f" accuracy {self.reference_acc:.3f} (the smallest tried, {first[self.key]}, reached"
+            f" {first['repaired_acc']:.3f}); using it, which may leave a backdoor in place. A larger clean set, more"
+            " fine-tuning epochs (`calibration_epochs`) or a larger `max_acc_drop` let the calibration go further."
+        )
+
+
+def log_calibration(trainer: pl.Trainer, key: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Log a report's calibration rows as a table (W&B table, TensorBoard text; nothing for other loggers)."""
+    if rows:
+        columns = list(rows[0])
+        log_table(trainer, key, columns, [[row[c] for c in columns] for row in rows])
 
 
 @dataclass
@@ -150,10 +214,8 @@ def clean_folds(loader: DataLoader, folds: int, seed: int = 0) -> list[tuple[Dat
     if folds < 2:
         raise ValueError(f"`folds` must be >= 2 (cross-validation holds one fold out), got {folds}.")
     dataset = getattr(loader, "dataset", None)
-    batch_size = getattr(loader, "batch_size", None) or getattr(
-        getattr(loader, "batch_sampler", None), "batch_size", None
-    )
-    if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__") or not batch_size:
+    batch_size = loader_batch_size(loader)
+    if batch_size is None or not hasattr(dataset, "__len__"):
         raise ValueError(
             "an 'auto' calibration (TSBD's neuron_ratio, RNP's threshold) holds clean samples out to score each"
             " candidate, so it needs the clean data as a DataLoader over a map-style dataset (with __len__ and"
@@ -176,15 +238,27 @@ def clean_folds(loader: DataLoader, folds: int, seed: int = 0) -> list[tuple[Dat
 
 
 @torch.no_grad()
-def _correct(model: nn.Module, loader: Iterable[Any], context: ContextFactory) -> tuple[int, int]:
-    correct, total = 0, 0
+def prediction_counts(
+    model: nn.Module, loader: Iterable[Any], context: ContextFactory = contextlib.nullcontext
+) -> tuple[int, int, Tensor]:
+    """Eval-mode ``(correct, total, per-class prediction counts)`` over ``loader``'s ``(inputs, labels)`` batches,
+    forward passes under ``context()``; the counts are empty for an empty loader."""
+    correct, total, counts = 0, 0, torch.zeros(0, dtype=torch.long)
     with eval_mode(model):
         for batch in loader:
             x, y = inputs_and_labels(batch)
             with context():
-                pred = model_logits(model, x).argmax(-1).cpu()
-            correct += int((pred == y.cpu()).sum())
+                logits = model_logits(model, x)
+            pred = logits.argmax(-1).cpu().flatten()
+            correct += int((pred == y.cpu().flatten()).sum())
             total += int(y.numel())
+            counts = counts if counts.numel() else torch.zeros(logits.shape[-1], dtype=torch.long)
+            counts += torch.bincount(pred, minlength=counts.numel())
+    return correct, total, counts
+
+
+def _correct(model: nn.Module, loader: Iterable[Any], context: ContextFactory) -> tuple[int, int]:
+    correct, total, _ = prediction_counts(model, loader, context)
     return correct, total
 
 

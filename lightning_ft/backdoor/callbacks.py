@@ -10,27 +10,28 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_ft._internal.batches import clean_loader, inputs_and_labels
+from lightning_ft._internal.batches import clean_loader
 from lightning_ft._internal.distributed import OfflineGroup, broadcast_from_rank_zero
-from lightning_ft._internal.forward import _device, model_dtype, model_logits, model_loss
-from lightning_ft._internal.logging import log_histogram, log_scalars, log_table
-from lightning_ft._internal.modules import eval_mode
+from lightning_ft._internal.forward import _device, model_loss
+from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.neurons import NeuronLayer
-from lightning_ft._internal.offline import LOW_PRECISION, ContextFactory, OfflinePhase, forward_context, working_copy
+from lightning_ft._internal.offline import ContextFactory, OfflinePhase, forward_context, working_copy
 from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
 from lightning_ft.backdoor.calibration import (
     DEFAULT_CANDIDATES,
     Calibration,
-    OptimizerFactory,
     calibrate_neuron_ratio,
     check_calibration_arguments,
+    log_calibration,
+    prediction_counts,
+    probe_recipe,
 )
 from lightning_ft.backdoor.checks import (
     check_clean_batch,
@@ -45,32 +46,6 @@ from lightning_ft.backdoor.layers import check_layer_types, tsbd_layers
 __all__ = ["NeuronWeightChangeReinit", "clean_unlearning"]
 
 _NWC_CHANGED = "its weights were zeroed by another selection (stage 1 never runs twice in a fit)"
-DEFAULT_CALIBRATION_EPOCHS = 20
-"""Repair-probe epochs of ``neuron_ratio="auto"`` without a Trainer (or one without ``max_epochs``)."""
-
-
-def _default_probe_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=0.01, momentum=0.9)  # the paper's fine-tuning recipe
-
-
-def _fit_optimizer(trainer: pl.Trainer) -> OptimizerFactory | None:
-    """A factory for the fit's first optimizer: its class with its constructor settings (``defaults``)."""
-    if not trainer.optimizers:
-        return None
-    template = trainer.optimizers[0]
-    settings = dict(template.defaults)
-
-    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        try:
-            return type(template)(params, **settings)
-        except TypeError as error:
-            raise ValueError(
-                f"an 'auto' calibration fine-tunes its repair probes with the fit's optimizer, but"
-                f" {type(template).__name__}(params, **defaults) failed ({error}). Pass a number instead of 'auto'"
-                " (`neuron_ratio`, `threshold`)."
-            ) from error
-
-    return build
 
 
 @torch.no_grad()
@@ -85,16 +60,7 @@ def _accuracy_and_classes(
     correct, total, counts = 0, 0, torch.zeros(0, dtype=torch.long)
     failed: BaseException | None = None
     try:
-        with eval_mode(model):
-            for batch in loader:
-                x, y = inputs_and_labels(batch)
-                with context():
-                    logits = model_logits(model, x)
-                pred = logits.argmax(-1).cpu().flatten()
-                correct += int((pred == y.cpu().flatten()).sum())
-                total += int(y.numel())
-                counts = counts if counts.numel() else torch.zeros(logits.shape[-1], dtype=torch.long)
-                counts += torch.bincount(pred, minlength=counts.numel())
+        correct, total, counts = prediction_counts(model, loader, context)
     except Exception as error:  # raised below, on every rank of a group
         failed = error
     if group is not None and group.distributed:
@@ -358,10 +324,7 @@ class NeuronWeightChangeReinit(Callback):
         metrics = {f"backdoor/nwc_{k}": float(v) for k, v in self.report.items() if isinstance(v, (int, float))}
         metrics["backdoor/nwc_seconds"] = self.seconds
         log_scalars(trainer, metrics)
-        if self.report.get("calibration"):
-            columns = list(self.report["calibration"][0])
-            rows = [[row[c] for c in columns] for row in self.report["calibration"]]
-            log_table(trainer, "backdoor/calibration", columns, rows)
+        log_calibration(trainer, "backdoor/calibration", self.report.get("calibration", []))
         if payload.get("nwc") is not None:
             self.nwc = payload["nwc"]
             log_histogram(trainer, "backdoor/nwc", payload["nwc"])
@@ -409,10 +372,10 @@ class NeuronWeightChangeReinit(Callback):
         changes = neuron_weight_changes(pl_module, unlearned, layers)
         check_weight_changes(changes, layers, self.lr_unlearn)  # all-zero NWC: an error, weights untouched
         del unlearned
-        ratio = self.neuron_ratio
+        ratio, calibrated = self.neuron_ratio, {}
         if ratio == "auto":
             self.calibration = self._calibrate(pl_module, changes, loader, trainer, group)
-            ratio = self.calibration.ratio
+            ratio, calibrated = self.calibration.ratio, self.calibration.report()
         masks, selected = select_reinit_weights(changes, float(ratio), self.subweight_ratio)
         masks = drop_unchanged(changes, masks)  # a weight whose change is 0 is never zeroed
         nwc = torch.cat([c.sum(1) for c in changes.values()]).cpu()
@@ -422,11 +385,8 @@ class NeuronWeightChangeReinit(Callback):
             "neurons": int(nwc.numel()),
             "selected_neurons": int(sum(int(s.sum()) for s in selected.values())),
             "neuron_ratio": float(ratio),
+            **calibrated,
         }
-        if self.calibration is not None and self.neuron_ratio == "auto":
-            report["calibration_rule"] = self.calibration.rule
-            report["calibration_reference_acc"] = self.calibration.reference_acc
-            report["calibration"] = [dict(row) for row in self.calibration.candidates]
         return {"masks": {k: v.cpu() for k, v in masks.items()}, "report": report, "nwc": nwc}
 
     def _calibrate(
@@ -439,12 +399,7 @@ class NeuronWeightChangeReinit(Callback):
     ) -> Calibration:
         """``neuron_ratio="auto"``: the largest candidate ratio whose zeroing a repair probe recovers to within
         ``max_acc_drop`` (:func:`~lightning_ft.backdoor.calibration.calibrate_neuron_ratio`)."""
-        optimizer: OptimizerFactory | None = None
-        epochs = self.calibration_epochs
-        if trainer is not None:
-            optimizer = _fit_optimizer(trainer)
-            if epochs is None and trainer.max_epochs is not None and trainer.max_epochs > 0:
-                epochs = trainer.max_epochs
+        epochs, optimizer, context = probe_recipe(trainer, pl_module, self.calibration_epochs)
         phase = OfflinePhase(
             "TSBD neuron-ratio calibration",
             len(self.calibration_candidates),
@@ -452,9 +407,6 @@ class NeuronWeightChangeReinit(Callback):
             progress=self.progress_bar if trainer is not None else bool(self.progress_bar),
             verbose=trainer is not None,
         )
-        # the probes are float32 working copies of a low-precision model: no half-precision context for them
-        low = model_dtype(pl_module) in LOW_PRECISION
-        context = contextlib.nullcontext if low else forward_context(trainer, pl_module)
         with torch.enable_grad(), torch.inference_mode(False):
             result = calibrate_neuron_ratio(
                 pl_module,
@@ -465,21 +417,14 @@ class NeuronWeightChangeReinit(Callback):
                 candidates=self.calibration_candidates,
                 max_acc_drop=self.max_acc_drop,
                 folds=self.calibration_folds,
-                epochs=epochs or DEFAULT_CALIBRATION_EPOCHS,
-                optimizer=optimizer or _default_probe_optimizer,
+                epochs=epochs,
+                optimizer=optimizer,
                 context=context,
                 seed=self.calibration_seed,
                 phase=phase,
                 group=group,
             )
-        if result.rule == "none_within_budget":
-            rank_zero_warn(
-                f"NeuronWeightChangeReinit(neuron_ratio='auto'): no candidate ratio was repaired to within"
-                f" max_acc_drop={self.max_acc_drop} of the clean accuracy {result.reference_acc:.3f} (smallest tried:"
-                f" {result.candidates[0]['ratio']} -> {result.candidates[0]['repaired_acc']:.3f}); using the smallest,"
-                f" {result.ratio}, which may leave a backdoor in place. A larger clean set, more fine-tuning epochs"
-                " (`calibration_epochs`) or a larger `max_acc_drop` let the calibration choose a larger ratio."
-            )
+        result.warn_if_outside_budget("NeuronWeightChangeReinit(neuron_ratio='auto')", self.max_acc_drop)
         return result
 
     @override

@@ -25,7 +25,6 @@ is its class name, so checkpoints written before the move resume unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -33,20 +32,27 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft._internal.batches import clean_loader, inputs_and_labels
 from lightning_ft._internal.distributed import broadcast_from_rank_zero
-from lightning_ft._internal.forward import _device, has_user_loss, logits_of, model_dtype, model_loss
-from lightning_ft._internal.logging import log_histogram, log_scalars, log_table
+from lightning_ft._internal.forward import _device, has_user_loss, logits_of, model_loss
+from lightning_ft._internal.logging import log_histogram, log_scalars
 from lightning_ft._internal.neurons import GATE_LAYER_TYPES, NeuronLayer, find_neuron_layers
-from lightning_ft._internal.offline import LOW_PRECISION, OfflinePhase, forward_context, working_copy
+from lightning_ft._internal.offline import OfflinePhase, forward_context, working_copy
 from lightning_ft._internal.resume import check_resumed_arguments, restore_legacy_state
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
-from lightning_ft.backdoor.calibration import Calibration, Edit, check_calibration_arguments, scan_candidates
+from lightning_ft.backdoor.calibration import (
+    Calibration,
+    Edit,
+    check_calibration_arguments,
+    log_calibration,
+    probe_recipe,
+    scan_candidates,
+)
 
 __all__ = ["DEFAULT_THRESHOLDS", "ReconstructiveNeuronPruning", "rnp_prune_", "rnp_recover_masks", "rnp_unlearn"]
 
@@ -405,23 +411,17 @@ class ReconstructiveNeuronPruning(Callback):
         del unlearned
         self.masks = {k: v.cpu() for k, v in masks.items()}
         flat = torch.cat(list(self.masks.values()))
-        threshold = self.threshold
-        extra: dict[str, Any] = {}
+        threshold, calibrated = self.threshold, {}
         if threshold == "auto":
             self.calibration = self._calibrate(model, self.masks, loader, trainer)
-            threshold = self.calibration.value
-            extra = {
-                "calibration_rule": self.calibration.rule,
-                "calibration_reference_acc": self.calibration.reference_acc,
-                "calibration": [dict(row) for row in self.calibration.candidates],
-            }
+            threshold, calibrated = self.calibration.value, self.calibration.report()
         report = {
             "unlearn_epochs": epochs,
             "unlearn_acc": acc,
             "channels": int(flat.numel()),
             "pruned_channels": int((flat <= float(threshold)).sum()),
             "threshold": float(threshold),
-            **extra,
+            **calibrated,
         }
         self.seconds = time.perf_counter() - start
         return {"masks": self.masks, "report": report}
@@ -431,14 +431,7 @@ class ReconstructiveNeuronPruning(Callback):
     ) -> Calibration:
         """``threshold="auto"``: the largest candidate whose pruning (and the fine-tuning after it, unless
         ``finetune=False``) keeps held-out clean accuracy within ``max_acc_drop``."""
-        from lightning_ft.backdoor.callbacks import DEFAULT_CALIBRATION_EPOCHS, _default_probe_optimizer, _fit_optimizer
-
-        epochs = 0
-        if self.finetune:
-            epochs = self.calibration_epochs or DEFAULT_CALIBRATION_EPOCHS
-            if self.calibration_epochs is None and trainer is not None and (trainer.max_epochs or 0) > 0:
-                epochs = int(trainer.max_epochs)  # type: ignore[arg-type]
-        optimizer = (_fit_optimizer(trainer) if trainer is not None else None) or _default_probe_optimizer
+        epochs, optimizer, context = probe_recipe(trainer, model, self.calibration_epochs)
         flat = torch.cat(list(masks.values()))
 
         def edit(t: float) -> Edit:
@@ -461,23 +454,15 @@ class ReconstructiveNeuronPruning(Callback):
                 [edit(t) for t in self.calibration_candidates],
                 max_acc_drop=self.max_acc_drop,
                 folds=self.calibration_folds,
-                epochs=epochs,
+                epochs=epochs if self.finetune else 0,  # finetune=False: probes scored as pruned
                 optimizer=optimizer,
-                # the probes are float32 working copies of a low-precision model: no half-precision context for them
-                context=contextlib.nullcontext
-                if model_dtype(model) in LOW_PRECISION
-                else forward_context(trainer, model),
+                context=context,
                 seed=self.calibration_seed,
                 phase=phase,
                 key="threshold",
                 size_key="channels",
             )
-        if result.rule == "none_within_budget":
-            rank_zero_warn(
-                f"ReconstructiveNeuronPruning(threshold='auto'): no candidate threshold kept the clean accuracy within"
-                f" max_acc_drop={self.max_acc_drop} of {result.reference_acc:.3f}; using the smallest that prunes a"
-                f" channel, {result.value}, which may leave a backdoor in place."
-            )
+        result.warn_if_outside_budget("ReconstructiveNeuronPruning(threshold='auto')", self.max_acc_drop)
         return result
 
     @override
@@ -494,11 +479,7 @@ class ReconstructiveNeuronPruning(Callback):
         self.report, self.done = payload["report"], True
         self._hold(pl_module)
         log_scalars(trainer, {f"rnp/{k}": float(v) for k, v in self.report.items() if isinstance(v, (int, float))})
-        if self.report.get("calibration"):
-            columns = list(self.report["calibration"][0])
-            log_table(
-                trainer, "rnp/calibration", columns, [[r[c] for c in columns] for r in self.report["calibration"]]
-            )
+        log_calibration(trainer, "rnp/calibration", self.report.get("calibration", []))
         if self.seconds is not None:
             log_scalars(trainer, {"rnp/seconds": self.seconds})
         log_histogram(trainer, "rnp/masks", torch.cat(list(payload["masks"].values())))

@@ -6,17 +6,28 @@ script in ``tests/scripts/`` that trains, and each rank dumps JSON to ``--out``;
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-__all__ = ["SCRIPTS", "find_free_port", "run_ddp_script"]
+__all__ = ["SCRIPTS", "find_free_port", "load_script", "run_ddp_script"]
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """``tests/scripts/<name>.py`` imported as a module (to reuse its data and models in a one-process reference)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def find_free_port() -> int:

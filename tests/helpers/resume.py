@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["MidEpochResumable", "fit_and_resume", "quiet_trainer"]
+__all__ = ["MidEpochResumable", "assert_same_weights", "fit_and_resume", "quiet_trainer"]
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
@@ -119,3 +120,11 @@ class MidEpochResumable(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.inner.load_state_dict(state_dict)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The two modules hold the same state-dict keys, in order, with bit-identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key

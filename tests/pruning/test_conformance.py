@@ -21,7 +21,7 @@ from lightning_ft.pruning import LearnedMaskPruning, attach_gates, find_gates
 from lightning_ft.pruning.gates import GATE_ATTR
 from tests.helpers.data import small_digits_datamodule
 from tests.helpers.models import tiny_classifier, tiny_lm
-from tests.helpers.resume import quiet_trainer
+from tests.helpers.resume import assert_same_weights, quiet_trainer
 from tests.helpers.strategies import SyncBatchNormStrategy
 
 BNS = ["model.features.1", "model.features.4", "model.features.8"]
@@ -114,10 +114,7 @@ def test_resume_from_a_step_checkpoint_with_folded_weights_equals_the_uninterrup
     trainer = quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[resumed_cb])
     trainer.fit(resumed, small_digits_datamodule(), ckpt_path=str(tmp_path / "step=4.ckpt"))
     assert trainer.global_step == 8
-    a, b = full.state_dict(), resumed.state_dict()
-    assert list(a) == list(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(full, resumed)
     for ga, gb in zip(find_gates(full), find_gates(resumed), strict=True):
         assert torch.equal(ga.gate.mask, gb.gate.mask)
 

@@ -20,7 +20,7 @@ from lightning_ft.demos.vision import ImageClassifier
 from lightning_ft.pruning import LearnedMaskPruning, attach_gates, find_gates, gate_penalty_grad, num_pruned
 from tests.helpers.data import small_digits_datamodule
 from tests.helpers.models import tiny_classifier
-from tests.helpers.resume import fit_and_resume, quiet_trainer
+from tests.helpers.resume import assert_same_weights, fit_and_resume, quiet_trainer
 
 # tiny_classifier: width 4, BatchNorms of 4, 8 and 16 channels; small digits: 4 optimizer steps per epoch
 BN_SIZES = {"model.features.1": 4, "model.features.4": 8, "model.features.8": 16}
@@ -172,10 +172,7 @@ def test_stop_and_resume_mid_schedule_equals_uninterrupted(gate_type, tmp_path):
     assert loaded["frozen"] is None and loaded["total"] == 8
     assert 0 < loaded["current_sparsity"] < 0.5 and loaded["optimizer"]["state"]
 
-    a, b = full.state_dict(), resumed.state_dict()
-    assert list(a) == list(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_weights(full, resumed)
     for ga, gb in zip(find_gates(full), find_gates(resumed), strict=True):
         assert torch.equal(ga.gate.mask, gb.gate.mask)
 

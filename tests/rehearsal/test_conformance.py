@@ -27,6 +27,7 @@ from lightning_ft.rehearsal import (
     WithSampleIds,
 )
 from tests.helpers.data import digits, flow_datamodule, rehearsal_datamodule
+from tests.helpers.kinds import DictClassifier, OutputClassifier
 from tests.helpers.models import tiny_mlp_classifier
 from tests.helpers.resume import quiet_trainer
 
@@ -294,19 +295,7 @@ def test_metrics_reach_callback_metrics_and_can_be_monitored(tmp_path: Path):
 # --- 4. precision and model outputs ---------------------------------------------------------------------------------
 
 
-class DictMLP(ImageClassifier):
-    def forward(self, x: Tensor) -> Any:
-        return {"logits": self.model(x)}
-
-
-class OutputMLP(ImageClassifier):
-    def forward(self, x: Tensor) -> Any:
-        from transformers.modeling_outputs import ImageClassifierOutput
-
-        return ImageClassifierOutput(logits=self.model(x))
-
-
-KINDS = {"tensor": ImageClassifier, "dict": DictMLP, "model_output": OutputMLP}
+KINDS = {"tensor": ImageClassifier, "dict": DictClassifier, "model_output": OutputClassifier}  # built as MLPs
 MLP = {"arch": "mlp", "width": 4, "lr": 0.05}
 
 

@@ -3,7 +3,6 @@ id for classifiers and causal LMs, lookup, dedupe of repeated ids, save/load, er
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.rehearsal import ReferenceStatistics, WithSampleIds, batch_sample_ids
 from tests.helpers.data import digits
-from tests.helpers.ddp import SCRIPTS, run_ddp_script
+from tests.helpers.ddp import load_script, run_ddp_script
 from tests.helpers.models import tiny_classifier, tiny_lm
 
 N_DIGITS = 150
@@ -371,20 +370,12 @@ def test_compute_errors(digit_data, lm_samples):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.ddp
 def test_ddp_ranks_return_identical_statistics_equal_to_one_process(tmp_path):
     r0, r1 = run_ddp_script("ddp_reference_statistics.py", tmp_path / "ddp")
     assert r0["rank"] == 0 and r1["rank"] == 1 and r0["world_size"] == r1["world_size"] == 2
     # one process (no process group here) over the whole data, with the script's own data and models
-    script = _load_script("ddp_reference_statistics")
+    script = load_script("ddp_reference_statistics")
     cls_data, lm_data = script.datasets()
     classifier, lm = script.models()
     single = {

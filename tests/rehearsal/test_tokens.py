@@ -19,7 +19,7 @@ from lightning_ft.rehearsal import (
     num_tokens,
 )
 from tests.helpers.data import pad_collate, token_budget_datamodule, variable_length_chunks
-from tests.helpers.ddp import run_ddp_script
+from tests.helpers.ddp import load_script, run_ddp_script
 from tests.helpers.models import TINY_LM
 from tests.rehearsal.test_text import Outputs
 
@@ -167,7 +167,7 @@ def test_ddp_token_budget_ranks_agree(tmp_path):
     # the pool statistics pass was sharded: each rank forwarded its half of the 40 pool chunks, and the gathered
     # statistics are the same on both ranks and equal to a 1-process pass over the whole pool
     assert r0["statistics_rows"] == r1["statistics_rows"] == 20
-    script = _load_script("ddp_rehearsal_tokens")
+    script = load_script("ddp_rehearsal_tokens")
     pool = WithSampleIds(script.pool())
     single = ReferenceStatistics.compute(
         script.start_module(),
@@ -180,15 +180,3 @@ def test_ddp_token_budget_ranks_agree(tmp_path):
     assert r0["pool_ids"] == single.sample_ids.tolist() == list(range(40))
     assert r0["pool_correct"] == single.correct.tolist()
     torch.testing.assert_close(torch.tensor(r0["pool_loss"]), single.loss, rtol=1e-5, atol=1e-6)
-
-
-def _load_script(name: str):
-    import importlib.util
-
-    from tests.helpers.ddp import SCRIPTS
-
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
