@@ -13,16 +13,26 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 from typing_extensions import override
 
 from lightning_ft._internal.logging import log_bar_chart, log_scalars
 from lightning_ft._internal.resume import check_resumed_arguments
 from lightning_ft._internal.strategies import check_strategy
 from lightning_ft._internal.validation import check_int
+from lightning_ft.rehearsal.budget import Budget
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting, Level
 from lightning_ft.rehearsal.functional import Normalize
-from lightning_ft.rehearsal.sampler import _HISTORY, Budget, CollateralDamageSampler, Strategy
+from lightning_ft.rehearsal.policies import Strategy
+from lightning_ft.rehearsal.sampler import _HISTORY, CollateralDamageSampler, ReplayBatchSampler
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, Task, WithSampleIds
 
 __all__ = ["FLOWReweighting", "RehearsalDataModule", "RehearsalFeedback", "num_tokens"]
@@ -123,6 +133,22 @@ def _check_sampler_arguments(sampler_kwargs: dict[str, Any], pool_size: int) -> 
     )
 
 
+def _shuffles(loader: DataLoader, shuffle: bool | None) -> bool:
+    """``shuffle``, or (None) whether ``loader`` shuffles: a ``RandomSampler`` does, a ``SequentialSampler`` not."""
+    if shuffle is not None:
+        return shuffle
+    if isinstance(loader.sampler, RandomSampler):
+        return True
+    if isinstance(loader.sampler, SequentialSampler):
+        return False
+    raise ValueError(
+        "RehearsalDataModule draws the fine-tuning order itself (a seeded DistributedSampler, so a resumed fit and"
+        f" every rank get the same order), and the wrapped train_dataloader()'s {type(loader.sampler).__name__} is"
+        " neither a RandomSampler nor a SequentialSampler: pass shuffle=True or shuffle=False to say which order to"
+        " use."
+    )
+
+
 def _reference_loader(
     dataset: Dataset, batch_size: int, collate_fn: Any, num_workers: int, trainer: pl.Trainer | None
 ) -> DataLoader:
@@ -158,7 +184,7 @@ class RehearsalDataModule(pl.LightningDataModule):
 
     The sampler is built once per fit and kept when Lightning reloads the training data
     (``reload_dataloaders_every_n_epochs``), so mix-cd's rates carry on. Its state (epoch, position in the epoch,
-    rates, counts, generator) is saved in checkpoints: a fit resumed from a mid-epoch checkpoint continues with the
+    rates, counts) is saved in checkpoints: a fit resumed from a mid-epoch checkpoint continues with the
     next batch of the interrupted epoch, as the uninterrupted fit would. A second ``fit`` with the same data module
     starts afresh (a new sampler; statistics it computed are computed again from the new starting model) unless it
     resumes from a checkpoint. FSDP, DeepSpeed and model-parallel strategies are refused at ``setup`` when the pool
@@ -173,7 +199,8 @@ class RehearsalDataModule(pl.LightningDataModule):
             :class:`~lightning_ft.rehearsal.CollateralDamageSampler` (``pool_groups``, e.g. the pool's labels, bins by
             reference loss x group; ``replay_schedule``'s progress runs over the fit's batches, from the Trainer's
             ``max_epochs`` / ``max_steps`` / ``limit_train_batches``; ``shuffle``: reshuffle the fine-tuning data
-            every epoch). They are checked at construction, by the sampler's own rules.
+            every epoch, None: as the wrapped module's training DataLoader does, i.e. when its sampler is a
+            ``RandomSampler``). They are checked at construction, by the sampler's own rules.
         budget: ``"samples"`` or ``"tokens"``: what the replay share counts (see
             :class:`~lightning_ft.rehearsal.CollateralDamageSampler`); with ``"tokens"`` every sample's tokens are
             counted once at setup (:func:`num_tokens`: the attention-mask sum of a mapping sample).
@@ -216,7 +243,7 @@ class RehearsalDataModule(pl.LightningDataModule):
         alpha_min: float = 0.01,
         alpha_init: float = 1.0,
         beta: float = 0.1,
-        shuffle: bool = True,
+        shuffle: bool | None = None,
         seed: int = 0,
         pool_statistics: ReferenceStatistics | None = None,
         task: Task = "classification",
@@ -425,11 +452,11 @@ class RehearsalDataModule(pl.LightningDataModule):
                 schedule_batches=schedule_batches,
                 epoch_batches=epoch_batches,
                 **lengths,
-                **self.sampler_kwargs,
+                **{**self.sampler_kwargs, "shuffle": _shuffles(inner, self.sampler_kwargs["shuffle"])},
             )
             self._sampler_key = key
             if previous is not None:  # reloaded with other fine-tuning data: the rates, counts and stream carry on
-                self.sampler.load_state_dict({**previous.state_dict(), "position": 0, "replay": None})
+                self.sampler.load_state_dict({**previous.state_dict(), "position": 0, "pending": None})
             elif self._sampler_state is not None:  # resumed: continue the checkpoint's epoch where it stopped
                 self.sampler.load_state_dict(self._sampler_state)
                 self._sampler_state, self.restored_sampler = None, True
@@ -463,7 +490,7 @@ class RehearsalFeedback(Callback):
     given) every ``log_every_n_steps`` (the loggers receive them at the Trainer's own ``log_every_n_steps``), and at
     epoch ends the per-bin rates ``rehearsal/alpha_<k>`` and ``rehearsal/cd_hit_rate_total`` (and a bar chart
     ``rehearsal/alpha_by_bin`` on W&B, a table on TensorBoard). The sampler's state (position in the epoch, rates,
-    counts, generator) is checkpointed by the :class:`RehearsalDataModule` that owns it, or here for a sampler in your
+    counts) is checkpointed by the :class:`RehearsalDataModule` that owns it, or here for a sampler in your
     own DataLoader; either way a fit resumed mid-epoch continues with the next batch. A second ``fit`` with the same
     instance starts afresh unless it resumes from a checkpoint. FSDP, DeepSpeed and model-parallel strategies are
     refused at ``setup``.
@@ -487,23 +514,24 @@ class RehearsalFeedback(Callback):
             raise ValueError(f"`log_every_n_steps` must be an integer >= 1, got {log_every_n_steps!r}.")
         self.log_every_n_steps = log_every_n_steps
         self._pending: dict[str, Any] | None = None  # a checkpoint's state, until the sampler exists
-        self._sampler: CollateralDamageSampler | None = None
+        self._sampler: ReplayBatchSampler | None = None
         self._owned = False  # the sampler belongs to a RehearsalDataModule, which checkpoints it
         self._consumed = 0  # batches of the current epoch reported so far
         # this epoch's rehearsal: batches with pool samples drawn, and pool samples reported back (all-gathered)
         self._replay_batches = self._observed = 0
 
-    def _find_sampler(self, trainer: pl.Trainer) -> CollateralDamageSampler:
+    def _find_sampler(self, trainer: pl.Trainer) -> ReplayBatchSampler:
         loader = trainer.train_dataloader
         sampler = getattr(loader, "batch_sampler", None)
-        if not isinstance(sampler, CollateralDamageSampler):
+        if not isinstance(sampler, ReplayBatchSampler):
             raise ValueError(
-                "RehearsalFeedback found no CollateralDamageSampler in the training DataLoader: train on a"
-                " RehearsalDataModule (or a DataLoader with batch_sampler=CollateralDamageSampler(...))."
+                "RehearsalFeedback found no ReplayBatchSampler in the training DataLoader: train on a"
+                " RehearsalDataModule (or a DataLoader with batch_sampler=CollateralDamageSampler(...) or"
+                " ReplayBatchSampler(...))."
             )
         return sampler
 
-    def _attach(self, trainer: pl.Trainer) -> CollateralDamageSampler:
+    def _attach(self, trainer: pl.Trainer) -> ReplayBatchSampler:
         """The fit's sampler (a reload may bring a new loader), restored from the checkpoint's state once, unless
         its RehearsalDataModule owns it (the data module checkpoints and restores it, mid-epoch position included)."""
         sampler = self._find_sampler(trainer)
@@ -577,12 +605,7 @@ class RehearsalFeedback(Callback):
         positions = ids_np[replay] - sampler.num_finetune
         forgot = sampler.forgotten(positions, correct.cpu().numpy().astype(bool, copy=False)[replay])
         sampler.update(positions, forgot)
-        # from the batch index and the all-gathered ids: the same on every rank
-        fit_batch = sampler.epoch * (sampler.epoch_batches or len(sampler)) + batch_idx
-        if sampler.budget == "tokens":
-            self._replay_batches += sampler.replay_share(fit_batch) > 0
-        else:
-            self._replay_batches += sampler.replay_count(fit_batch) > 0
+        self._replay_batches += bool(sampler.drawn(batch_idx))  # this rank drew pool samples for this batch
         self._observed += positions.size
         if log and positions.size:  # all-gathered: the same value on every rank, no sync needed
             pl_module.log("rehearsal/cd_hit_rate", float(forgot.mean()), on_step=True, on_epoch=False)
@@ -719,9 +742,9 @@ class FLOWReweighting(Callback):
         """The fine-tuning samples of a rehearsal loader when only they are weighted (ids ``0 .. n - 1``, the
         rehearsed pool samples after them), None when every sample is."""
         sampler = loader.batch_sampler
-        if self.samples == "all" or (self.samples == "auto" and not isinstance(sampler, CollateralDamageSampler)):
+        if self.samples == "all" or (self.samples == "auto" and not isinstance(sampler, ReplayBatchSampler)):
             return None
-        if not isinstance(sampler, CollateralDamageSampler):
+        if not isinstance(sampler, ReplayBatchSampler):
             raise ValueError(
                 "FLOWReweighting(samples='finetune') weights the fine-tuning samples of a rehearsal loader, but the"
                 f" training DataLoader's batch sampler is a {type(sampler).__name__}: train on a RehearsalDataModule"

@@ -121,10 +121,11 @@ def flow_datamodule(batch_size: int = 16) -> pl.LightningDataModule:
     return _Loaders(train, TensorDataset(xb[1500:1564], yb[1500:1564]), batch_size)
 
 
-def token_budget_datamodule(module: Any, n_train: int = 24) -> RehearsalDataModule:
+def token_budget_datamodule(module: Any, n_train: int = 24, replay_ratio: float = 0.25) -> RehearsalDataModule:
     """Token-budget mix-cd rehearsal for a causal LM: :class:`VariableLengthText` fine-tuning data (batch 4) and 40
-    variable-length "pretrain" pool chunks, 25% of each batch's tokens rehearsed, 4 bins. A random ``module`` gets no
-    chunk right at the default threshold, so the pool statistics count every chunk as prior-correct."""
+    variable-length "pretrain" pool chunks, ``replay_ratio`` of each batch's tokens rehearsed, 4 bins. A random
+    ``module`` gets no chunk right at the default threshold, so the pool statistics count every chunk as
+    prior-correct."""
     pool = variable_length_chunks("pretrain", 40, seed=1)
     loader = DataLoader(WithSampleIds(pool), batch_size=16, collate_fn=pad_collate)  # type: ignore[arg-type]
     stats = ReferenceStatistics.compute(module, loader, task="causal_lm", lm_correct_threshold=0.0)
@@ -134,7 +135,7 @@ def token_budget_datamodule(module: Any, n_train: int = 24) -> RehearsalDataModu
         strategy="mixcd",
         num_bins=4,
         budget="tokens",
-        replay_ratio=0.25,
+        replay_ratio=replay_ratio,
         task="causal_lm",
         pool_statistics=stats,
     )

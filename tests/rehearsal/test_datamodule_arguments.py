@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from lightning_ft.rehearsal import ReferenceStatistics, RehearsalDataModule
 from tests.helpers.data import rehearsal_datamodule
@@ -113,6 +113,25 @@ def test_sampler_arguments_shuffle_and_alpha_init_reach_the_sampler():
     assert torch.equal(data.sampler.alpha, torch.full_like(data.sampler.alpha, 0.5))
     first = next(iter(data.sampler))
     assert first[:8] == list(range(8))  # not shuffled: the fine-tuning data in order
+
+
+@pytest.mark.parametrize(("loader_shuffle", "expected"), [(False, False), (True, True)])
+def test_shuffle_defaults_to_the_wrapped_loaders(loader_shuffle, expected):
+    """Issue 12: shuffle defaulted to True whatever the wrapped train_dataloader() did; None now inherits it."""
+    data = _datamodule(_finetune_loader(shuffle=loader_shuffle))
+    data.train_dataloader()
+    assert data.sampler is not None and data.sampler.shuffle is expected
+    assert (next(iter(data.sampler))[:8] == list(range(8))) is not expected
+
+
+def test_a_custom_fine_tuning_sampler_needs_an_explicit_shuffle():
+    weighted = WeightedRandomSampler(torch.ones(40), 40)
+    data = _datamodule(_finetune_loader(sampler=weighted))
+    with pytest.raises(ValueError, match="shuffle=True or shuffle=False"):
+        data.train_dataloader()
+    data = _datamodule(_finetune_loader(sampler=weighted), shuffle=True)
+    data.train_dataloader()
+    assert data.sampler is not None and data.sampler.shuffle is True
 
 
 def test_statistics_arguments_reach_the_pool_pass(monkeypatch):

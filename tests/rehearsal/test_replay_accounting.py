@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,3 +171,52 @@ def test_the_carried_counts_index_the_batches_a_limited_epoch_consumes():
     data = rehearsal_datamodule(replay_per_step=None, replay_ratio=0.1)
     quiet_trainer(max_epochs=2, limit_train_batches=3, use_distributed_sampler=False).fit(tiny_mlp_classifier(), data)
     assert data.sampler.epoch_batches == 3
+
+
+class _Group:
+    """A 2-rank process group in one process: ``all_gather`` of a step's k-th call returns both ranks' k-th tensors
+    (``reports[rank][k]``) stacked in rank order, after checking that the caller passed its own."""
+
+    def __init__(self, reports: dict[int, list[torch.Tensor]]) -> None:
+        self.reports = reports
+
+    def strategy(self, rank: int) -> Any:
+        group, calls = self, iter(range(len(self.reports[rank])))
+
+        class Strategy:
+            def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+                k = next(calls)
+                assert torch.equal(tensor, group.reports[rank][k])
+                return torch.stack([group.reports[0][k], group.reports[1][k]])
+
+        return Strategy()
+
+
+def test_two_ranks_feedback_keeps_rates_identical_and_equal_to_one_rank_with_the_same_observations():
+    """Each rank draws its own pool samples and runs its own RehearsalFeedback; the all-gathered observations give
+    both ranks the rates of one rank updated with the same observations per step (whatever their split)."""
+    ranks = [sampler(4, replay_ratio=0.5, rank=r, world_size=2, alpha_init=0.5) for r in range(2)]
+    one = sampler(4, replay_ratio=0.5, alpha_init=0.5)
+    feedbacks = [RehearsalFeedback(log_every_n_steps=10_000) for _ in ranks]
+    for feedback, s in zip(feedbacks, ranks, strict=True):
+        feedback._sampler = s
+    iterators = [iter(s) for s in ranks]
+    for step in range(30):
+        # rank 1 reports first at even steps: the result must not depend on which rank gathers first
+        order = (1, 0) if step % 2 == 0 else (0, 1)
+        batches = {r: torch.tensor(next(iterators[r])) for r in range(2)}
+        # forgotten: pool samples whose position is a multiple of 3 (prior-correct: every sample here)
+        correct = {r: (batches[r] - ranks[r].num_finetune) % 3 != 0 for r in range(2)}
+        group = _Group({r: [batches[r], correct[r]] for r in range(2)})  # the feedback gathers ids, then flags
+        for r in order:
+            trainer = SimpleNamespace(global_step=1, world_size=2, strategy=group.strategy(r))
+            outputs = {"loss": torch.tensor(0.0), "per_sample": {"sample_id": batches[r], "correct": correct[r]}}
+            feedbacks[r].on_train_batch_end(trainer, None, outputs, None, step)  # type: ignore[arg-type]
+        gathered = torch.cat([batches[0], batches[1]])
+        flags = torch.cat([correct[0], correct[1]])
+        pool = gathered >= one.num_finetune
+        one.update(gathered[pool] - one.num_finetune, ~flags[pool])
+    assert torch.equal(ranks[0].alpha, ranks[1].alpha) and torch.equal(ranks[0].seen, ranks[1].seen)
+    assert torch.allclose(ranks[0].alpha, one.alpha, atol=1e-6)
+    assert int(ranks[0].seen.sum()) == int(one.seen.sum()) > 0 and 0 < int(ranks[0].forgot.sum()) < int(one.seen.sum())
+    assert float(ranks[0].alpha.max() - ranks[0].alpha.min()) > 0.05, "the observations moved the rates apart"

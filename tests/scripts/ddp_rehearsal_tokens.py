@@ -69,7 +69,7 @@ class Dump(pl.Callback):
         state = sampler.state_dict()
         result = {
             "param_max_diff": (gathered - gathered[0]).abs().max().item(),
-            "state": json.dumps({k: v.tolist() if hasattr(v, "tolist") else v for k, v in state.items()}),
+            "state": json.dumps(state, default=lambda v: v.tolist()),  # tensors as lists
             "global_step": trainer.global_step,
             "replay_counts": self.replay_counts,
             "seen": int(sampler.seen.sum()),
