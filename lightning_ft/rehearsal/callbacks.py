@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
@@ -18,6 +19,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     DistributedSampler,
+    IterableDataset,
     RandomSampler,
     SequentialSampler,
     Subset,
@@ -133,6 +135,40 @@ def _check_sampler_arguments(sampler_kwargs: dict[str, Any], pool_size: int) -> 
     )
 
 
+def _pool_subset(pool: Any, pool_size: int | None, seed: int) -> tuple[Dataset, Tensor | None]:
+    """The pool to rehearse from, and the positions it keeps of a map-style pool (None: all of them): see
+    ``RehearsalDataModule(pool_size=...)``."""
+    if isinstance(pool, IterableDataset) or not (hasattr(pool, "__len__") and hasattr(pool, "__getitem__")):
+        if not hasattr(pool, "__iter__"):
+            raise ValueError(
+                f"the rehearsal pool must be a Dataset or an iterable of samples, got {type(pool).__name__}."
+            )
+        if pool_size is None:
+            raise ValueError(
+                f"the rehearsal pool is an iterable ({type(pool).__name__}) without random access: pass `pool_size`,"
+                " the number of its first samples to rehearse from (shuffle the stream first)."
+            )
+        return list(itertools.islice(iter(pool), pool_size)), None
+    if pool_size is None or pool_size >= len(pool):
+        return pool, None
+    kept = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:pool_size].sort().values
+    return Subset(pool, kept.tolist()), kept
+
+
+class _SplitCollate:
+    """Collates the fine-tuning samples (ids below ``num_finetune``) and the pool samples of a mixed batch with their
+    own collate functions: ``{"finetune": ..., "replay": ...}``."""
+
+    def __init__(self, num_finetune: int, finetune: Callable[[list[Any]], Any], pool: Callable[[list[Any]], Any]):
+        self.num_finetune, self.finetune, self.pool = num_finetune, finetune, pool
+
+    def __call__(self, samples: list[Any]) -> dict[str, Any]:
+        ids = [int(s["sample_id"]) if isinstance(s, Mapping) else int(s[-1]) for s in samples]
+        split = sum(i < self.num_finetune for i in ids)  # the sampler puts the fine-tuning samples first
+        replay = samples[split:]
+        return {"finetune": self.finetune(samples[:split]), "replay": self.pool(replay) if replay else None}
+
+
 def _shuffles(loader: DataLoader, shuffle: bool | None) -> bool:
     """``shuffle``, or (None) whether ``loader`` shuffles: a ``RandomSampler`` does, a ``SequentialSampler`` not."""
     if shuffle is not None:
@@ -220,6 +256,17 @@ class RehearsalDataModule(pl.LightningDataModule):
         persistent_workers, prefetch_factor, worker_init_fn, generator: settings of the mixed-batch DataLoader
             (``torch.utils.data.DataLoader``'s); None: those of the wrapped module's training DataLoader, whose
             ``num_workers``, ``pin_memory`` and ``collate_fn`` are used too.
+        pool_size: rehearse from ``pool_size`` samples of the pool only, so the statistics pass and the sampler's
+            per-sample state scale with it rather than with the pool: a random subset (seeded by ``seed``, the same on
+            every rank) of a map-style pool (``pool_groups`` given for the whole pool are subset with it), or the
+            first ``pool_size`` samples of an iterable pool (an ``IterableDataset``, e.g. a streaming Hugging Face
+            dataset: shuffle the stream first), which are then held in memory. None: the whole pool (an iterable pool
+            needs a size). ``data.pool`` is the pool rehearsed from; given ``pool_statistics`` refer to it.
+        pool_collate_fn: the pool's own collate function (e.g. another tokenizer, for raw pretraining text): each
+            batch is then ``{"finetune": collate_fn(fine-tuning samples), "replay": pool_collate_fn(pool samples)}``
+            (the layout of Lightning's ``CombinedLoader`` over two loaders; ``"replay"`` is None in a batch without
+            pool samples), sample ids appended to both, and the statistics pass collates with it. None: one batch
+            collated by the wrapped loader's ``collate_fn``.
 
     Example::
 
@@ -255,8 +302,18 @@ class RehearsalDataModule(pl.LightningDataModule):
         prefetch_factor: int | None = None,
         worker_init_fn: Callable[[int], None] | None = None,
         generator: torch.Generator | None = None,
+        pool_size: int | None = None,
+        pool_collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         super().__init__()
+        check_int("pool_size", pool_size, allow_none=True)
+        if pool_collate_fn is not None and not callable(pool_collate_fn):
+            raise ValueError(
+                f"`pool_collate_fn` must be callable (pool samples -> a batch) or None, got {pool_collate_fn!r}."
+            )
+        pool, kept = _pool_subset(pool, pool_size, seed)
+        if pool_groups is not None and kept is not None and len(pool_groups) != len(pool):  # type: ignore[arg-type]
+            pool_groups = [pool_groups[i] for i in kept.tolist()]  # given for the whole pool: the subset's groups
         if len(pool) == 0:  # type: ignore[arg-type]
             raise ValueError("the rehearsal pool is empty: pass the pretraining samples to rehearse.")
         # argument errors now, not after the statistics pass and the token count at fit start
@@ -278,6 +335,7 @@ class RehearsalDataModule(pl.LightningDataModule):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}.")
         self.datamodule, self.pool, self.replay_transform = datamodule, pool, replay_transform
+        self.pool_size, self.pool_collate_fn = pool_size, pool_collate_fn
         self.sampler_kwargs: dict[str, Any] = {
             "strategy": strategy,
             "replay_ratio": replay_ratio,
@@ -436,7 +494,7 @@ class RehearsalDataModule(pl.LightningDataModule):
                     "pool_lengths": [num_tokens(self.pool[i]) for i in range(len(self.pool))],  # type: ignore[arg-type]
                 }
             lengths = self._lengths
-        stats = self._statistics(inner.collate_fn)
+        stats = self._statistics(inner.collate_fn if self.pool_collate_fn is None else self.pool_collate_fn)
         key = (n, inner.batch_size, inner.drop_last, rank, world_size, schedule_batches, epoch_batches)
         if self.sampler is None or key != self._sampler_key:  # once per fit; again only if the data changed
             previous = self.sampler
@@ -462,10 +520,13 @@ class RehearsalDataModule(pl.LightningDataModule):
                 self._sampler_state, self.restored_sampler = None, True
         pool = self.pool if self.replay_transform is None else _ReplayTransformed(self.pool, self.replay_transform)
         data = ConcatDataset([WithSampleIds(finetune), WithSampleIds(pool, offset=n)])
+        collate_fn = inner.collate_fn
+        if self.pool_collate_fn is not None:
+            collate_fn = _SplitCollate(n, inner.collate_fn, self.pool_collate_fn)
         return _RehearsalLoader(
             data,
             batch_sampler=self.sampler,
-            collate_fn=inner.collate_fn,
+            collate_fn=collate_fn,
             num_workers=inner.num_workers,
             pin_memory=inner.pin_memory,
             **loader_kwargs,
@@ -755,8 +816,16 @@ class FLOWReweighting(Callback):
     def _loader(self, trainer: pl.Trainer, loader: DataLoader, num_finetune: int | None) -> DataLoader:
         dataset = loader.dataset if num_finetune is None else Subset(loader.dataset, range(num_finetune))
         batch_size = self.batch_size or loader.batch_size or 256
+        collate = loader.collate_fn
+        if isinstance(collate, _SplitCollate):  # a pool with its own collate: the fine-tuning samples' collate
+            if num_finetune is None:
+                raise ValueError(
+                    "FLOWReweighting(samples='all') passes the pool samples with the fine-tuning ones, but the"
+                    " RehearsalDataModule collates its pool with its own `pool_collate_fn`: use samples='auto'."
+                )
+            collate = collate.finetune
         # under DDP each rank passes its shard; compute() gathers them
-        return _reference_loader(dataset, batch_size, loader.collate_fn, loader.num_workers, trainer)
+        return _reference_loader(dataset, batch_size, collate, loader.num_workers, trainer)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -51,7 +51,7 @@ def small_digits_datamodule(**overrides: Any) -> DigitsDataModule:
 
 def rehearsal_datamodule(**overrides: Any) -> RehearsalDataModule:
     """Task B = 128 inverted digits with labels shifted by 3 (batch 16, 64 for validation); pool = 200 task-A digits
-    (8x8); mix-cd with 4 pool samples per batch."""
+    (8x8), or ``pool=``; mix-cd with 4 pool samples per batch."""
     x, y = load_digits_tensors(8)
     xb, yb = 1 - x, (y + 3) % 10
     finetune = pl.LightningDataModule.from_datasets(
@@ -59,8 +59,8 @@ def rehearsal_datamodule(**overrides: Any) -> RehearsalDataModule:
         val_dataset=TensorDataset(xb[1500:1564], yb[1500:1564]),
         batch_size=16,
     )
-    kwargs: dict[str, Any] = {"replay_per_step": 4, "num_bins": 4}
-    return RehearsalDataModule(finetune, TensorDataset(x[200:400], y[200:400]), **{**kwargs, **overrides})
+    kwargs: dict[str, Any] = {"replay_per_step": 4, "num_bins": 4, "pool": TensorDataset(x[200:400], y[200:400])}
+    return RehearsalDataModule(finetune, **{**kwargs, **overrides})
 
 
 def variable_length_chunks(
