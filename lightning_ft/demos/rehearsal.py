@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ft.demos._common import cpu_trainer, prepare_demo_process
 from lightning_ft.demos.digits import load_digits_tensors
 from lightning_ft.demos.vision import ImageClassifier
-from lightning_ft.rehearsal.callbacks import FLOWReweighting, RehearsalDataModule, RehearsalFeedback
+from lightning_ft.rehearsal import FLOWReweighting, RehearsalDataModule, RehearsalFeedback
 from lightning_ft.rehearsal.flow import FLOWWeighting
 from lightning_ft.rehearsal.statistics import ReferenceStatistics, WithSampleIds
 

@@ -15,8 +15,10 @@
 """
 
 from lightning_ft.rehearsal.budget import ReplayBudget
-from lightning_ft.rehearsal.callbacks import FLOWReweighting, RehearsalDataModule, RehearsalFeedback, num_tokens
+from lightning_ft.rehearsal.datamodule import RehearsalDataModule, num_tokens
+from lightning_ft.rehearsal.feedback import RehearsalFeedback
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
+from lightning_ft.rehearsal.flow_callback import FLOWReweighting
 from lightning_ft.rehearsal.functional import (
     causal_lm_correct,
     flow_temperature,

@@ -165,7 +165,7 @@ def test_replay_transform_applies_to_pool_inputs_only_and_not_to_the_statistics(
 
 
 def test_replay_transform_on_mapping_samples_gets_the_whole_sample():
-    from lightning_ft.rehearsal.callbacks import _ReplayTransformed
+    from lightning_ft.rehearsal.datamodule import _ReplayTransformed
 
     pool = [{"input_ids": torch.tensor([1, 2])}, {"input_ids": torch.tensor([3])}]
     shifted = _ReplayTransformed(pool, lambda s: {**s, "input_ids": s["input_ids"] + 10})

@@ -155,7 +155,7 @@ def test_statistics_arguments_reach_the_pool_pass(monkeypatch):
 
 
 def test_the_statistics_loader_passes_only_this_ranks_shard():
-    from lightning_ft.rehearsal.callbacks import _reference_loader
+    from lightning_ft.rehearsal.datamodule import _reference_loader
 
     dataset = list(range(11))
     one = _reference_loader(dataset, 4, None, 0, None)
