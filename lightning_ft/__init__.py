@@ -29,6 +29,11 @@ _LAZY = {
     "NGramRegularizer": "lightning_ft.memorisation",
     "Probe": "lightning_ft.memorisation",
     "ReferenceLogProbDataset": "lightning_ft.memorisation",
+    "AnnealingSchedule": "lightning_ft.optim",
+    "DynamicBoostedAnnealing": "lightning_ft.optim",
+    "GlobalGradient": "lightning_ft.optim",
+    "LinearCorrection": "lightning_ft.optim",
+    "estimate_global_gradient": "lightning_ft.optim",
     "Chain": "lightning_ft.pruning",
     "ExportReport": "lightning_ft.pruning",
     "GatedLayer": "lightning_ft.pruning",
@@ -52,17 +57,21 @@ _LAZY = {
 
 __all__ = [
     "ActivenessAwareFineTuning",
+    "AnnealingSchedule",
     "AttackSuccessRate",
     "BadNets",
     "Blended",
     "Chain",
     "CollateralDamageSampler",
+    "DynamicBoostedAnnealing",
     "ExportReport",
     "FLOWReweighting",
     "FLOWWeightedLoss",
     "FLOWWeighting",
     "GatedLayer",
+    "GlobalGradient",
     "LearnedMaskPruning",
+    "LinearCorrection",
     "LossPriorityPolicy",
     "MemorisationEarlyStopping",
     "MemorisationMonitor",
@@ -87,6 +96,7 @@ __all__ = [
     "RobustAccuracy",
     "WithSampleIds",
     "__version__",
+    "estimate_global_gradient",
     "tsbd",
 ]
 
@@ -111,6 +121,13 @@ if TYPE_CHECKING:
         NGramRegularizer,
         Probe,
         ReferenceLogProbDataset,
+    )
+    from lightning_ft.optim import (
+        AnnealingSchedule,
+        DynamicBoostedAnnealing,
+        GlobalGradient,
+        LinearCorrection,
+        estimate_global_gradient,
     )
     from lightning_ft.pruning import (
         Chain,

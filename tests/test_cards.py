@@ -35,3 +35,8 @@ def test_flow_block_equals_the_flow_benchmarks():
 def test_ddp_block_equals_the_stage_one_ddp_benchmark():
     expected = (ROOT / "benchmarks" / "results" / "backdoor_ddp.md").read_text().strip()
     assert _block(CARDS["backdoor"].read_text(), "ddp") == expected
+
+
+def test_optim_card_quotes_the_dba_benchmark():
+    expected = (ROOT / "benchmarks" / "results" / "dba.md").read_text().strip()
+    assert _block((ROOT / "lightning_ft" / "optim" / "README.md").read_text(), "results") == expected

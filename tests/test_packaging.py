@@ -19,7 +19,7 @@ import lightning_ft.callbacks as ft_callbacks
 from lightning_ft.cli import main, snippet_text, snippets
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("backdoor", "memorisation", "pruning", "rehearsal")
+FAMILIES = ("backdoor", "memorisation", "optim", "pruning", "rehearsal")
 
 
 def _public_classes(module_name: str) -> dict[str, type]:

@@ -12,15 +12,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ft.callbacks as ft_callbacks
-from tests.helpers.data import flow_datamodule, pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
+from tests.helpers.data import digits, flow_datamodule, pydoc_datamodule, rehearsal_datamodule, small_digits_datamodule
 from tests.helpers.kinds import CLASSIFIER_KINDS, LM_KINDS
 from tests.helpers.models import tiny_classifier, tiny_lm_module, tiny_mlp_classifier
 
 __all__ = ["REGISTRY", "Entry"]
 
 _PROBE = {"probe_size": 8, "prefix_len": 16, "suffix_len": 16, "ngram_sizes": [2, 3], "batch_size": 4}
+
+
+def _general_digits() -> DataLoader:
+    """DBA's general data for the digits entries: 48 inverted digits with labels + 3 (a task that conflicts with the
+    plain digits the registry fine-tunes on), in order."""
+    x, y = digits(8)
+    return DataLoader(TensorDataset(1 - x[1000:1048], (y[1000:1048] + 3) % 10), batch_size=16)
 
 
 @dataclass
@@ -74,6 +82,29 @@ class Entry:
 
 
 REGISTRY: dict[str, Entry] = {
+    "DynamicBoostedAnnealing": Entry(
+        ft_callbacks.DynamicBoostedAnnealing,
+        # rank 2: the checkpointed factors stay well under the model's size; an explicit total: the stopped run of the
+        # resume test is a shorter fit of the same schedule
+        {
+            "general_dataloader": _general_digits(),
+            "general_batches": 3,
+            "k0": 0.5,
+            "gamma": 0.5,
+            "rank": 2,
+            "total_steps": 12,
+        },
+        make_module=tiny_mlp_classifier,
+        make_data=small_digits_datamodule,
+        yaml="dynamic_boosted_annealing.yaml",
+        worked=lambda cb, trainer: cb.ghat is not None and 0 < cb.steps == trainer.global_step,
+        resume_overrides={"gamma": 0.0, "progress_bar": False},
+        essential_change={"rank": 3},
+        monitor=("val_acc", "max"),
+        metric="dba/cos",
+        wandb_keys={"dba/k": "scalar", "dba/cos": "scalar", "dba/c": "scalar"},
+        kinds=("dict", "model_output", "user_loss", "timm_resnet", "timm_vit"),
+    ),
     "MemorisationMonitor": Entry(
         ft_callbacks.MemorisationMonitor,
         dict(_PROBE),
