@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader
 from lightning_ft._internal.modules import eval_mode
 from lightning_ft.demos._common import cpu_trainer
 from lightning_ft.demos.models import CausalLMModule
-from lightning_ft.demos.text import PydocTextDataModule, TokenChunks
+from lightning_ft.demos.text import (
+    PydocTextDataModule,
+    TokenChunks,
+    _domain_of,
+    build_tokenizer,
+    pydoc_chunks,
+    pydoc_topics,
+)
 from lightning_ft.rehearsal.callbacks import RehearsalDataModule, RehearsalFeedback
 from lightning_ft.rehearsal.flow import FLOWWeightedLoss, FLOWWeighting
 from lightning_ft.rehearsal.functional import (
@@ -77,12 +84,18 @@ class RehearsalTextConfig:
     batch_size: int = 32
     replay_per_step: int = 4
     correct_threshold: float | None = None  # None: the base model's median greedy accuracy over the pool
+    # None: the pool is task A's training chunks; s < seq_len: also every window starting s, 2s, ... tokens into a
+    # training chunk whose successor in the text is a training chunk too (a pool about seq_len / s times larger that
+    # overlaps no held-out chunk)
+    pool_stride: int | None = None
     kinds: tuple[str, ...] = field(default_factory=lambda: TEXT_KINDS)
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(TEXT_KINDS)
         if unknown:
             raise ValueError(f"`kinds` must be a subset of {TEXT_KINDS}, got unknown {sorted(unknown)}.")
+        if self.pool_stride is not None and not 0 < self.pool_stride < self.seq_len:
+            raise ValueError(f"`pool_stride` must be None or in [1, seq_len={self.seq_len}), got {self.pool_stride}.")
 
     def model_kwargs(self) -> dict[str, Any]:
         return {
@@ -146,6 +159,7 @@ class TextBase:
     pool_statistics: ReferenceStatistics
     correct_threshold: float
     seconds: float
+    pool_topics: Tensor | None = None  # the pydoc topic (index among the "pretrain" topics) of every pool chunk
 
 
 @torch.no_grad()
@@ -171,6 +185,37 @@ def _pool_statistics(
     threshold = float(accuracy.median()) if threshold is None else threshold
     ids = torch.arange(accuracy.numel())  # WithSampleIds(pool) ids: the pool positions
     return ReferenceStatistics(ids, torch.cat(losses).float(), accuracy >= threshold), threshold
+
+
+def _chunk_topics(config: RehearsalTextConfig) -> Tensor:
+    """The topic index of every chunk of ``pydoc_chunks(seq_len, "pretrain", vocab_size)``, in its order."""
+    tokenizer = build_tokenizer(config.vocab_size)
+    texts = [text for name, text in pydoc_topics().items() if _domain_of(name, 0.25) == "pretrain"]
+    counts = [len(tokenizer(text)["input_ids"]) // config.seq_len for text in texts]
+    return torch.repeat_interleave(torch.arange(len(texts)), torch.tensor(counts))
+
+
+def _pool(config: RehearsalTextConfig, data: PydocTextDataModule) -> tuple[TokenChunks, Tensor]:
+    """The rehearsal pool and its chunks' topics: the training chunks of task A (in the data module's order), then with
+    ``pool_stride`` the shifted windows over pairs of consecutive training chunks of one topic."""
+    assert data.train_dataset is not None
+    chunks = pydoc_chunks(config.seq_len, "pretrain", config.vocab_size)
+    topics = _chunk_topics(config)
+    assert topics.numel() == chunks.shape[0], "the topic count must follow pydoc_chunks"
+    order = torch.randperm(chunks.shape[0], generator=torch.Generator().manual_seed(config.base_seed))
+    train = order[config.n_val :]  # as PydocTextDataModule(n_train=None) splits them
+    assert torch.equal(chunks[train], data.train_dataset.tokens), "the pool must be the data module's training chunks"
+    if config.pool_stride is None:
+        return data.train_dataset, topics[train]
+    is_train = torch.zeros(chunks.shape[0], dtype=torch.bool)
+    is_train[train] = True
+    first = torch.arange(chunks.shape[0] - 1)
+    first = first[is_train[:-1] & is_train[1:] & (topics[:-1] == topics[1:])]  # train chunk i followed by train i+1
+    pairs = torch.cat([chunks[first], chunks[first + 1]], dim=1)
+    offsets = range(config.pool_stride, config.seq_len, config.pool_stride)
+    windows = torch.cat([pairs[:, o : o + config.seq_len] for o in offsets])
+    tokens = torch.cat([data.train_dataset.tokens, windows])
+    return TokenChunks(tokens), torch.cat([topics[train], topics[first].repeat(len(offsets))])
 
 
 def _task_b(config: RehearsalTextConfig) -> PydocTextDataModule:
@@ -208,7 +253,7 @@ def pretrain_text(config: RehearsalTextConfig) -> TextBase:
     assert data.train_dataset is not None and data.val_dataset is not None
     module = _module(config, config.pretrain_lr)
     _trainer(config.pretrain_epochs).fit(module, data)
-    pool = data.train_dataset
+    pool, topics = _pool(config, data)
     stats, threshold = _pool_statistics(module, pool, config.correct_threshold)
     return TextBase(
         state={k: v.clone() for k, v in module.state_dict().items()},
@@ -217,6 +262,7 @@ def pretrain_text(config: RehearsalTextConfig) -> TextBase:
         pool_statistics=stats,
         correct_threshold=threshold,
         seconds=time.perf_counter() - start,
+        pool_topics=topics,
     )
 
 
