@@ -54,12 +54,12 @@ from lightning_ft.demos.rehearsal_text import (
     RehearsalLM,
     RehearsalTextConfig,
     TextBase,
+    _task_b,
     base_losses,
     finetune_text,
     mean_loss,
     pretrain_text,
 )
-from lightning_ft.demos.text import PydocTextDataModule
 from lightning_ft.optim import DynamicBoostedAnnealing, GlobalGradient
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,21 +82,6 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _task_b(config: RehearsalTextConfig) -> PydocTextDataModule:
-    """The domain data exactly as :func:`finetune_text` builds it."""
-    data = PydocTextDataModule(
-        seq_len=config.seq_len,
-        domain="finetune",
-        n_train=config.n_train,
-        n_val=config.n_val,
-        batch_size=config.batch_size,
-        vocab_size=config.vocab_size,
-        seed=config.seed,
-    )
-    data.setup("fit")
-    return data
 
 
 def _general_loader(base: TextBase, seed: int) -> DataLoader:

@@ -41,9 +41,17 @@ from _common import IterationTimer, paired_ci, put_mean_std, write_into_card
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_ft.demos.rehearsal import RehearsalDemoConfig, _data, _trainer, finetune, pretrain
-from lightning_ft.demos.rehearsal_text import RehearsalTextConfig, base_losses, finetune_text, pretrain_text
+from lightning_ft.demos.rehearsal_text import RehearsalTextConfig, _task_b, base_losses, finetune_text, pretrain_text
+from lightning_ft.demos.rehearsal_text import _module as _text_module
+from lightning_ft.demos.rehearsal_text import _trainer as _text_trainer
 from lightning_ft.demos.vision import ImageClassifier
-from lightning_ft.rehearsal import CollateralDamageSampler, RehearsalDataModule, RehearsalFeedback, WithSampleIds
+from lightning_ft.rehearsal import (
+    CollateralDamageSampler,
+    RehearsalDataModule,
+    RehearsalFeedback,
+    WithSampleIds,
+    batch_sample_ids,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CARD = Path(__file__).resolve().parents[1] / "lightning_ft" / "rehearsal" / "README.md"
@@ -157,7 +165,7 @@ class _RecordBatches(pl.Callback):
         self.epochs.append([])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        self.epochs[-1].append(batch[2].tolist())
+        self.epochs[-1].append(batch_sample_ids(batch).tolist())
 
 
 class _FixedBatches:
@@ -209,32 +217,72 @@ def _timed_sampler(times: list[float]) -> Iterator[None]:
         CollateralDamageSampler.__iter__ = original  # type: ignore[method-assign]
 
 
-TIMING_ARCHS = {"mlp": "the demo's MLP", "bn_cnn": "a BN-CNN (3 conv layers, width 16)"}
+TIMING_ARCHS = {
+    "mlp": "the demo's MLP",
+    "bn_cnn": "a BN-CNN (3 conv layers, width 16)",
+    "text": "the text case's GPT-2 (2 layers, width 64, 64 tokens)",
+}
 
 
 def bench_step_time(rounds: int, epochs: int = 6) -> dict:
-    """:func:`bench_arch_step_time` for the demo's MLP (a 3 ms step: the worst case) and a small CNN."""
+    """:func:`bench_arch_step_time` for the demo's MLP (a 3 ms step: the worst case), a small CNN and the text case."""
     return {arch: bench_arch_step_time(rounds, arch, epochs) for arch in TIMING_ARCHS}
+
+
+def _timing_case(arch: str) -> dict[str, Any]:
+    """What a timed fit needs: the fine-tuning data module, the pool, a module factory, the trainer and the task."""
+    if arch == "text":
+        config = RehearsalTextConfig()
+        base = pretrain_text(config)
+        inner = _task_b(config)
+        assert inner.train_dataset is not None
+
+        def text_module() -> pl.LightningModule:
+            module = _text_module(config, config.lr)
+            module.load_state_dict(base.state)
+            module.correct_threshold = base.correct_threshold
+            return module
+
+        return {
+            "inner": inner,
+            "finetune": inner.train_dataset,
+            "pool": base.pool,
+            "statistics": base.pool_statistics,
+            "module": text_module,
+            "trainer": _text_trainer,
+            "task": "causal_lm",
+        }
+    config = RehearsalDemoConfig(replay_per_step=4)
+    data = _data(config)
+    return {
+        "inner": pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=32),
+        "finetune": data["task_b"],
+        "pool": data["task_a"],
+        "statistics": None,
+        "module": lambda: ImageClassifier(arch=arch, lr=config.lr),
+        "trainer": _trainer,
+        "task": "classification",
+    }
 
 
 def bench_arch_step_time(rounds: int, arch: str, epochs: int) -> dict:
     """Median loop iteration (fetch + step + hooks): mix-cd sampling + RehearsalFeedback vs the batches of a mix-cd fit
     replayed by a plain batch sampler without feedback, same model; the order of the two alternates over rounds."""
-    config = RehearsalDemoConfig(replay_per_step=4)
-    data = _data(config)
-    n = len(data["task_b"])
-    inner = pl.LightningDataModule.from_datasets(train_dataset=data["task_b"], batch_size=32)
-    dataset = ConcatDataset([WithSampleIds(data["task_b"]), WithSampleIds(data["task_a"], offset=n)])
-    pool_statistics = None
+    case = _timing_case(arch)
+    n = len(case["finetune"])
+    dataset = ConcatDataset([WithSampleIds(case["finetune"]), WithSampleIds(case["pool"], offset=n)])
+    pool_statistics = case["statistics"]
     sampler_times: list[float] = []
     feedback_times: list[float] = []
 
     def mixcd(callbacks: list[pl.Callback]) -> None:
         nonlocal pool_statistics
-        mixed = RehearsalDataModule(inner, data["task_a"], replay_per_step=4, pool_statistics=pool_statistics)
+        mixed = RehearsalDataModule(
+            case["inner"], case["pool"], replay_per_step=4, pool_statistics=pool_statistics, task=case["task"]
+        )
         feedback = _TimedFeedback()
         with _timed_sampler(sampler_times):
-            _trainer(epochs, [feedback, *callbacks]).fit(ImageClassifier(arch=arch, lr=config.lr), mixed)
+            case["trainer"](epochs, [feedback, *callbacks]).fit(case["module"](), mixed)
         feedback_times.extend(feedback.times)
         pool_statistics = mixed.pool_statistics  # one statistics pass
 
@@ -252,7 +300,7 @@ def bench_arch_step_time(rounds: int, arch: str, epochs: int) -> dict:
                     mixcd([timer])
                 else:
                     plain = DataLoader(dataset, batch_sampler=_FixedBatches(record.epochs))  # type: ignore[arg-type]
-                    _trainer(epochs, [timer]).fit(ImageClassifier(arch=arch, lr=config.lr), plain)
+                    case["trainer"](epochs, [timer]).fit(case["module"](), plain)
                 steps = len(timer.times) // epochs
                 medians[name] = statistics.median(timer.times[steps:])  # the first epoch warms up
             per_round.append(medians)

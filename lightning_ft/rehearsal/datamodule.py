@@ -108,11 +108,11 @@ def _schedule_batches(trainer: pl.Trainer, per_epoch: int) -> tuple[int, int]:
     return max(1, min(totals)), max(1, per_epoch)
 
 
-def _check_sampler_arguments(sampler_kwargs: dict[str, Any], pool_size: int) -> None:
+def _check_sampler_arguments(sampler_kwargs: dict[str, Any], pool_length: int) -> None:
     """The sampler's own argument checks, at once: builds and discards a sampler over a stand-in pool (zero losses,
     all prior-correct; the real size only with ``pool_groups``, whose length must match it), so a bad argument fails
     at construction rather than after the pool statistics pass."""
-    size = pool_size if sampler_kwargs.get("pool_groups") is not None else 1
+    size = pool_length if sampler_kwargs.get("pool_groups") is not None else 1
     tokens = sampler_kwargs.get("budget") == "tokens"
     CollateralDamageSampler(
         1,
