@@ -149,10 +149,14 @@ class ReplayPolicy:
         flags = _host(forgot).astype(bool, copy=False).ravel()
         if positions.shape != flags.shape:
             raise ValueError(f"{positions.size} pool positions but {flags.size} forgot flags.")
+        if positions.size and (positions.min() < 0 or positions.max() >= self._bin_of.size):
+            raise ValueError(f"pool positions must be in [0, {self._bin_of.size}).")
+        self._record(positions, flags)
+
+    def _record(self, positions: np.ndarray, flags: np.ndarray) -> None:
+        """:meth:`update` on checked arrays (int64 positions in range, bool flags of the same length)."""
         if positions.size == 0:
             return
-        if positions.min() < 0 or positions.max() >= self._bin_of.size:
-            raise ValueError(f"pool positions must be in [0, {self._bin_of.size}).")
         bins = self._bin_of[positions]
         seen = np.bincount(bins, minlength=self.num_bins)
         hits = np.bincount(bins[flags], minlength=self.num_bins)

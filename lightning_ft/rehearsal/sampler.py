@@ -134,7 +134,7 @@ class ReplayBatchSampler(Sampler[list[int]]):
         # (batch index, policy draw state) of recent batches: what a checkpoint needs to draw again the batches a
         # loader prefetched but the training has not used yet; and the pool samples drawn for them
         self._history: deque[tuple[int, Any]] = deque(maxlen=_HISTORY)
-        self._drawn: deque[tuple[int, int]] = deque(maxlen=_HISTORY)
+        self._drawn: dict[int, int] = {}  # this epoch's batch index -> pool samples drawn for it
         self._resume: dict[str, Any] | None = None  # a mid-epoch start from load_state_dict, for the next __iter__
         self._direct = torch.Generator().manual_seed(_mix(seed, _DIRECT, rank))  # draw() outside an iteration
         self._direct_offset = 0
@@ -218,11 +218,8 @@ class ReplayBatchSampler(Sampler[list[int]]):
         return self.replay_budget.schedule_batches
 
     def drawn(self, index: int) -> int | None:
-        """The pool samples this rank drew for the current epoch's ``index``-th batch (None: not drawn recently)."""
-        for i, count in reversed(self._drawn):
-            if i == index:
-                return count
-        return None
+        """The pool samples this rank drew for the current epoch's ``index``-th batch (None: not drawn)."""
+        return self._drawn.get(index)
 
     def is_replay(self, indices: Tensor) -> Tensor:
         """Which concatenated-dataset indices come from the pool."""
@@ -310,7 +307,7 @@ class ReplayBatchSampler(Sampler[list[int]]):
             draw_state = pending[index - first] if index - first < len(pending) else self.policy.draw_state()
             self._history.append((index, draw_state))
             positions = self._replay(start + index, index, finetune, draw_state)
-            self._drawn.append((index, positions.size))
+            self._drawn[index] = positions.size
             self._position = index + 1
             yield [*finetune, *(positions + self.num_finetune).tolist()]
 
