@@ -331,8 +331,13 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
             'markers = {0: "o", 2: "s", 4: "^"}\n'
             "for r in rows:\n"
             '    ax.scatter(r["task_b"], r["task_a"], marker=markers[r["budget"]], s=60)\n'
-            '    ax.annotate(f"{r[\'kind\']} ({r[\'budget\']})", (r["task_b"], r["task_a"]), fontsize=8,\n'
-            '                xytext=(4, 4), textcoords="offset points")\n'
+            "    ax.annotate(\n"
+            "        f\"{r['kind']} ({r['budget']})\",\n"
+            '        (r["task_b"], r["task_a"]),\n'
+            "        fontsize=8,\n"
+            "        xytext=(4, 4),\n"
+            '        textcoords="offset points",\n'
+            "    )\n"
             'ax.axhline(before, ls="--", c="grey", label="task A before fine-tuning")\n'
             'ax.set_xlabel("task-B accuracy")\n'
             'ax.set_ylabel("task-A accuracy after fine-tuning (retention)")\n'
