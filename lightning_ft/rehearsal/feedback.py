@@ -150,7 +150,7 @@ class RehearsalFeedback(Callback):
         ids_np = ids.cpu().numpy().astype(np.int64, copy=False)
         replay = ids_np >= sampler.num_finetune
         positions = ids_np[replay] - sampler.num_finetune
-        forgot = sampler.forgotten(positions, correct.cpu().numpy().astype(bool, copy=False)[replay])
+        forgot = sampler.forgotten(positions, correct.cpu().numpy()[replay])
         sampler.policy._record(positions, forgot)  # in range: ids >= num_finetune, checked by forgotten()
         self._replay_batches += bool(sampler.drawn(batch_idx))  # this rank drew pool samples for this batch
         self._observed += positions.size

@@ -160,8 +160,10 @@ class ReplayPolicy:
         bins = self._bin_of[positions]
         seen = np.bincount(bins, minlength=self.num_bins)
         hits = np.bincount(bins[flags], minlength=self.num_bins)
-        self._seen[:] += seen  # views: updated in place
-        self._forgot[:] += hits
+        counts = self._seen
+        counts += seen  # views: updated in place
+        counts = self._forgot
+        counts += hits
         self._observe(seen, hits)
 
     def _observe(self, seen: np.ndarray, hits: np.ndarray) -> None:
@@ -337,13 +339,12 @@ class MixCDPolicy(ReplayPolicy):
         return self._pi()
 
     def _observe(self, seen: np.ndarray, hits: np.ndarray) -> None:
-        observed = seen > 0
-        n = seen[observed]
-        rate = hits[observed] / n
-        # count-weighted: a bin seen n times moves as n single-sample updates with its mean forgotten share would
-        keep = (1.0 - self.beta) ** n
+        # count-weighted: a bin seen n times moves as n single-sample updates with its mean forgotten share would;
+        # a bin not seen keeps its rate exactly (keep = 1, and the float32 rate round-trips through float64)
+        keep = (1.0 - self.beta) ** seen
+        rate = hits / np.maximum(seen, 1)
         alpha = self._alpha  # a view: updated in place
-        alpha[observed] = (keep * alpha[observed] + (1.0 - keep) * rate).astype(np.float32)
+        alpha[:] = keep * alpha + (1.0 - keep) * rate
         self._probabilities = None
 
     def state_dict(self) -> dict[str, Any]:
