@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import interleaved_step_times, put_mean_std, write_results
+from _common import interleaved_step_times, put_mean_std, quiet, write_results
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ft.backdoor import ActivenessAwareFineTuning
@@ -69,12 +67,6 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def bench_effect(
@@ -271,7 +263,7 @@ def main() -> None:
     )
     parser.add_argument("--merge", action="store_true", help="combine the backdoor_part_*.json files")
     args = parser.parse_args()
-    _quiet()
+    quiet()
     # one thread: the backdoored weights (hashed into every row) are the same in a full run, a part and a --kinds rerun
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]

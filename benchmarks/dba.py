@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
 import subprocess
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import transformers
-from _common import paired_ci, put_mean_std, write_results
+from _common import paired_ci, put_mean_std, quiet, write_results
 from torch.utils.data import DataLoader
 
 from lightning_ft.demos._common import cpu_trainer
@@ -56,6 +54,7 @@ from lightning_ft.demos.rehearsal_text import (
     TextBase,
     _task_b,
     base_losses,
+    base_module,
     finetune_text,
     mean_loss,
     pretrain_text,
@@ -78,12 +77,6 @@ K0_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 TUNING_SEEDS = (100, 101)
 
 
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _general_loader(base: TextBase, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(base.pool, batch_size=GENERAL_BATCH, shuffle=True, generator=generator)  # type: ignore[arg-type]
@@ -94,8 +87,7 @@ def finetune(
 ) -> tuple[dict[str, float], RehearsalLM]:
     """Plain fine-tuning as :func:`finetune_text` (``"no_rehearsal"``) does it, with ``callbacks``."""
     pl.seed_everything(config.seed, verbose=False)
-    module = RehearsalLM(lr=config.lr, seed=config.base_seed, **config.model_kwargs())
-    module.load_state_dict(base.state)
+    module = base_module(config, base)
     data = _task_b(config)
     assert data.val_dataset is not None
     start = time.perf_counter()
@@ -230,7 +222,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="one seed, results not written into the card")
     args = parser.parse_args()
-    _quiet()
+    quiet()
     torch.set_num_threads(1)
     start = time.perf_counter()
     config = RehearsalTextConfig(kinds=("no_rehearsal", "random"))

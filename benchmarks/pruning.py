@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import interleaved_step_times, put_mean_std, write_results
+from _common import interleaved_step_times, put_mean_std, quiet, write_results
 from lightning.pytorch.callbacks import ModelPruning
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,12 +47,6 @@ CARD = Path(__file__).resolve().parents[1] / "lightning_ft" / "pruning" / "READM
 SPARSITIES = (0.3, 0.5, 0.7)
 PRUNING = tuple(m for m in METHODS if m != "dense")
 LM = {"vocab_size": 1024, "n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4, "dropout": 0.0, "lr": 1e-3}
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def bench_vision(archs: tuple[str, ...], seeds: list[int], sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
@@ -322,7 +314,7 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true", help="keep the effect of the last results file")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    _quiet()
+    quiet()
     torch.set_num_threads(2)
     seeds = [0] if args.quick else list(range(args.seeds))
     archs = ("bn_cnn",) if args.quick else ("bn_cnn", "test_resnet")

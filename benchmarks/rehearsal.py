@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import platform
 import statistics
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,12 +35,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import IterationTimer, paired_ci, put_mean_std, write_into_card
+from _common import IterationTimer, paired_ci, put_mean_std, quiet, write_into_card
 from torch.utils.data import ConcatDataset, DataLoader
 
 from lightning_ft.demos.rehearsal import RehearsalDemoConfig, _data, _trainer, finetune, pretrain
-from lightning_ft.demos.rehearsal_text import RehearsalTextConfig, _task_b, base_losses, finetune_text, pretrain_text
-from lightning_ft.demos.rehearsal_text import _module as _text_module
+from lightning_ft.demos.rehearsal_text import (
+    RehearsalTextConfig,
+    _task_b,
+    base_losses,
+    base_module,
+    finetune_text,
+    pretrain_text,
+)
 from lightning_ft.demos.rehearsal_text import _trainer as _text_trainer
 from lightning_ft.demos.vision import ImageClassifier
 from lightning_ft.rehearsal import (
@@ -57,12 +61,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CARD = Path(__file__).resolve().parents[1] / "lightning_ft" / "rehearsal" / "README.md"
 REHEARSAL = ("random", "random_prior_correct", "loss_priority", "mixcd", "flow_mixcd")
 BUDGETS = (2, 4)
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def bench_effect(seeds: int) -> dict:
@@ -237,18 +235,12 @@ def _timing_case(arch: str) -> dict[str, Any]:
         inner = _task_b(config)
         assert inner.train_dataset is not None
 
-        def text_module() -> pl.LightningModule:
-            module = _text_module(config, config.lr)
-            module.load_state_dict(base.state)
-            module.correct_threshold = base.correct_threshold
-            return module
-
         return {
             "inner": inner,
             "finetune": inner.train_dataset,
             "pool": base.pool,
             "statistics": base.pool_statistics,
-            "module": text_module,
+            "module": lambda: base_module(config, base),
             "trainer": _text_trainer,
             "task": "causal_lm",
         }
@@ -441,7 +433,7 @@ def main() -> None:
     only.add_argument("--skip-text", action="store_true", help="keep the text case of the last results file")
     only.add_argument("--timing-only", action="store_true", help="rerun the step timing only; keep everything else")
     args = parser.parse_args()
-    _quiet()
+    quiet()
     torch.set_num_threads(1)
     out = RESULTS / "rehearsal.json"
     previous = json.loads(out.read_text()) if out.exists() else {}

@@ -38,27 +38,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import platform
 import statistics
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import paired_ci, put_mean_std, write_into_card
+from _common import paired_ci, put_mean_std, quiet, write_into_card
 from torch import Tensor
 
 from lightning_ft.demos.rehearsal_text import (
     RehearsalTextConfig,
     TextBase,
-    _module,
     _task_b,
     _trainer,
     base_losses,
+    base_module,
     mean_loss,
     pretrain_text,
 )
@@ -76,12 +74,6 @@ MIXCD = {"num_bins": 10, "alpha_init": 1.0, "epsilon": 0.05, "alpha_min": 0.01, 
 TOPIC_SHARE = 0.05  # a topic with at least this share of the pool is its own group of mixcd_topic
 CONFIG = RehearsalTextConfig(n_train=768, finetune_epochs=8, pool_stride=32, kinds=("no_rehearsal",))
 QUICK = replace(CONFIG, pretrain_epochs=1, n_train=64, finetune_epochs=1)
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def topic_groups(topics: Tensor, share: float = TOPIC_SHARE) -> Tensor:
@@ -115,9 +107,7 @@ class CDHits(pl.Callback):
 def finetune(config: RehearsalTextConfig, base: TextBase, strategy: str, budget: int, groups: Tensor) -> dict:
     """Fine-tune the base on ``config.seed``'s task-B sample with ``strategy`` at ``budget`` pool chunks per step."""
     pl.seed_everything(config.seed, verbose=False)
-    module = _module(config, config.lr)
-    module.load_state_dict(base.state)
-    module.correct_threshold = base.correct_threshold
+    module = base_module(config, base)
     data = _task_b(config)
     assert data.train_dataset is not None and data.val_dataset is not None
     row: dict[str, Any] = {"strategy": strategy, "budget": budget, "seed": config.seed}
@@ -291,7 +281,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run on a tiny setting; writes only to --out")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args()
-    _quiet()
+    quiet()
     torch.set_num_threads(1)
     config, seeds, budgets = (QUICK, 2, BUDGETS[:1]) if args.quick else (CONFIG, SEEDS, BUDGETS)
     results = run(config, args.seeds or seeds, budgets)

@@ -51,6 +51,7 @@ __all__ = [
     "RehearsalTextConfig",
     "TextBase",
     "base_losses",
+    "base_module",
     "finetune_text",
     "mean_loss",
     "pretrain_text",
@@ -236,6 +237,15 @@ def _module(config: RehearsalTextConfig, lr: float) -> RehearsalLM:
     return RehearsalLM(lr=lr, seed=config.base_seed, **config.model_kwargs())
 
 
+def base_module(config: RehearsalTextConfig, base: TextBase) -> RehearsalLM:
+    """A fresh module holding the pre-trained weights, at the fine-tuning learning rate and the base's correctness
+    threshold."""
+    module = _module(config, config.lr)
+    module.load_state_dict(base.state)
+    module.correct_threshold = base.correct_threshold
+    return module
+
+
 def pretrain_text(config: RehearsalTextConfig) -> TextBase:
     """Pre-train the tiny GPT-2 on task A (``config.base_seed``) and compute the pool's reference statistics."""
     start = time.perf_counter()
@@ -272,9 +282,7 @@ def finetune_text(config: RehearsalTextConfig, base: TextBase, kind: str) -> dic
     if kind not in TEXT_KINDS:
         raise ValueError(f"`kind` must be one of {TEXT_KINDS}, got {kind!r}.")
     pl.seed_everything(config.seed, verbose=False)
-    module = _module(config, config.lr)
-    module.load_state_dict(base.state)
-    module.correct_threshold = base.correct_threshold
+    module = base_module(config, base)
     data = _task_b(config)
     assert data.train_dataset is not None and data.val_dataset is not None
     task_b = WithSampleIds(data.train_dataset)
@@ -312,8 +320,7 @@ def finetune_text(config: RehearsalTextConfig, base: TextBase, kind: str) -> dic
 
 def base_losses(config: RehearsalTextConfig, base: TextBase) -> dict[str, float]:
     """Task-A and task-B validation losses of the pre-trained model (task B: ``config.seed``'s held-out chunks)."""
-    module = _module(config, config.lr)
-    module.load_state_dict(base.state)
+    module = base_module(config, base)
     data = _task_b(config)
     assert data.val_dataset is not None
     return {"task_a_loss": mean_loss(module, base.val_a), "task_b_loss": mean_loss(module, data.val_dataset.tokens)}

@@ -10,8 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from lightning_ft._internal.validation import check_int
-from lightning_ft.rehearsal.policies import _unit_interval
+from lightning_ft._internal.validation import check_fraction, check_int
 
 __all__ = ["ReplayBudget"]
 
@@ -55,7 +54,7 @@ class ReplayBudget:
     ) -> None:
         check_int("batch_size", batch_size)
         check_int("replay_per_step", replay_per_step, minimum=0, allow_none=True)
-        _unit_interval("replay_ratio", replay_ratio)
+        check_fraction("replay_ratio", replay_ratio)
         self.schedule = self._check_schedule(replay_schedule, replay_per_step, schedule_batches)
         if budget not in ("samples", "tokens"):
             raise ValueError(f"`budget` must be 'samples' or 'tokens', got {budget!r}.")
@@ -92,8 +91,8 @@ class ReplayBudget:
         if not points:
             raise ValueError("`replay_schedule` is empty: give at least one (progress, ratio) point, or None.")
         for progress, ratio in points:
-            _unit_interval("replay_schedule progress", progress, closed_right=True)
-            _unit_interval("replay_schedule ratio", ratio)
+            check_fraction("replay_schedule progress", progress, closed_right=True)
+            check_fraction("replay_schedule ratio", ratio)
         if any(b[0] < a[0] for a, b in itertools.pairwise(points)):
             raise ValueError(f"`replay_schedule` progress must be non-decreasing, got {[p for p, _ in points]}.")
         return points

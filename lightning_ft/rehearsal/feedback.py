@@ -151,7 +151,7 @@ class RehearsalFeedback(Callback):
         replay = ids_np >= sampler.num_finetune
         positions = ids_np[replay] - sampler.num_finetune
         forgot = sampler.forgotten(positions, correct.cpu().numpy()[replay])
-        sampler.policy._record(positions, forgot)  # in range: ids >= num_finetune, checked by forgotten()
+        sampler.update(positions, forgot)
         self._replay_batches += bool(sampler.drawn(batch_idx))  # this rank drew pool samples for this batch
         self._observed += positions.size
         if log and positions.size:  # all-gathered: the same value on every rank, no sync needed

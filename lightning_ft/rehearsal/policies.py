@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_ft._internal.validation import check_int
+from lightning_ft._internal.validation import check_fraction, check_int
 
 __all__ = [
     "STRATEGIES",
@@ -41,13 +41,6 @@ def _host(values: Tensor | np.ndarray | Sequence[Any]) -> np.ndarray:
     if isinstance(values, Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def _unit_interval(name: str, value: float, closed_right: bool = False) -> None:
-    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        bound = "[0, 1]" if closed_right else "[0, 1)"
-        raise ValueError(f"`{name}` must be in {bound}, got {value!r}.")
 
 
 class ReplayPolicy:
@@ -149,21 +142,16 @@ class ReplayPolicy:
         flags = _host(forgot).astype(bool, copy=False).ravel()
         if positions.shape != flags.shape:
             raise ValueError(f"{positions.size} pool positions but {flags.size} forgot flags.")
-        if positions.size and (positions.min() < 0 or positions.max() >= self._bin_of.size):
-            raise ValueError(f"pool positions must be in [0, {self._bin_of.size}).")
-        self._record(positions, flags)
-
-    def _record(self, positions: np.ndarray, flags: np.ndarray) -> None:
-        """:meth:`update` on checked arrays (int64 positions in range, bool flags of the same length)."""
         if positions.size == 0:
             return
+        if positions.min() < 0 or positions.max() >= self._bin_of.size:
+            raise ValueError(f"pool positions must be in [0, {self._bin_of.size}).")
         bins = self._bin_of[positions]
         seen = np.bincount(bins, minlength=self.num_bins)
         hits = np.bincount(bins[flags], minlength=self.num_bins)
-        counts = self._seen
-        counts += seen  # views: updated in place
-        counts = self._forgot
-        counts += hits
+        seen_total, forgot_total = self._seen, self._forgot  # views: updated in place
+        seen_total += seen
+        forgot_total += hits
         self._observe(seen, hits)
 
     def _observe(self, seen: np.ndarray, hits: np.ndarray) -> None:
@@ -358,8 +346,8 @@ class MixCDPolicy(ReplayPolicy):
 
 def _check_mixcd(num_bins: int, epsilon: float, alpha_min: float, alpha_init: float, beta: float) -> None:
     check_int("num_bins", num_bins)
-    _unit_interval("epsilon", epsilon, closed_right=True)
-    _unit_interval("alpha_init", alpha_init, closed_right=True)
+    check_fraction("epsilon", epsilon, closed_right=True)
+    check_fraction("alpha_init", alpha_init, closed_right=True)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
         raise ValueError(f"`beta` must be in (0, 1], got {beta!r}.")
     if isinstance(alpha_min, bool) or not isinstance(alpha_min, (int, float)) or not alpha_min >= 0.0:

@@ -126,13 +126,18 @@ class ReplayBatchSampler(Sampler[list[int]]):
         self.epoch_batches, self.seed, self.rank, self.world_size = epoch_batches, seed, rank, world_size
         self.batch_size = budget.batch_size
         self._pool_lengths = self._finetune_lengths = None
+        self._spacing = 0  # tokens: an upper estimate of one rank's draws per batch (a loss-priority cycle's step)
         if budget.kind == "tokens":
             self._pool_lengths = _lengths("pool_lengths", pool_lengths, len(policy))
             self._finetune_lengths = _lengths("finetune_lengths", finetune_lengths, num_finetune)
+            self._mean_pool_length = float(self._pool_lengths.mean())
+            share = budget.max_share()
+            tokens = budget.batch_size * float(self._finetune_lengths.mean()) * share / (1.0 - share)
+            self._spacing = math.ceil(tokens / self._mean_pool_length) + 1
         self.epoch = 0
         self._position = 0  # batches of this epoch the current iterator has yielded (the index of its next batch)
         # (batch index, policy draw state) of recent batches: what a checkpoint needs to draw again the batches a
-        # loader prefetched but the training has not used yet; and the pool samples drawn for them
+        # loader prefetched but the training has not used yet
         self._history: deque[tuple[int, Any]] = deque(maxlen=_HISTORY)
         self._drawn: dict[int, int] = {}  # this epoch's batch index -> pool samples drawn for it
         self._resume: dict[str, Any] | None = None  # a mid-epoch start from load_state_dict, for the next __iter__
@@ -242,23 +247,17 @@ class ReplayBatchSampler(Sampler[list[int]]):
         rank's draws of the fit's earlier batches (tokens: after an upper estimate of them)."""
         if self.replay_budget.kind == "samples":
             return self.world_size * self.replay_budget.cumulative(batch) + self.rank * count
-        assert self._pool_lengths is not None and self._finetune_lengths is not None
-        share = self.replay_budget.max_share()
-        tokens = self.batch_size * float(self._finetune_lengths.mean()) * share / (1.0 - share)
-        per_batch = math.ceil(tokens / float(self._pool_lengths.mean())) + 1
-        return (batch * self.world_size + self.rank) * per_batch
+        return (batch * self.world_size + self.rank) * self._spacing
 
     def _replay(self, batch: int, index: int, finetune: Sequence[int], draw_state: Any) -> np.ndarray:
         """This rank's pool positions for the fit's ``batch``-th batch (the epoch's ``index``-th)."""
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch, index, self.rank))
         if self._finetune_lengths is None:
             count = self.replay_budget.count(batch)
-            offset = self._priority_offset(batch, count) if self.strategy == "loss_priority" else 0
-            return self.policy.sample(count, generator, offset, draw_state)
+            return self.policy.sample(count, generator, self._priority_offset(batch, count), draw_state)
         assert self._pool_lengths is not None
         target = self.replay_budget.tokens(float(self._finetune_lengths[np.asarray(finetune)].sum()), batch)
-        offset = self._priority_offset(batch, 0) if self.strategy == "loss_priority" else 0
-        mean = max(float(self._pool_lengths.mean()), 1.0)
+        offset, mean = self._priority_offset(batch, 0), self._mean_pool_length
         taken: list[np.ndarray] = []
         tokens = 0.0
         while tokens < target:
