@@ -21,6 +21,7 @@ from lightning_ft.optim.dba import (
     GlobalGradient,
     LinearCorrection,
     Task,
+    _check_task,
     boost_coefficient,
     boost_gradients_,
     estimate_global_gradient,
@@ -116,15 +117,16 @@ class DynamicBoostedAnnealing(Callback):
         resolve_k0(k0, 1)
         if decay not in ("linear", "constant"):
             raise ValueError(f'`decay` must be "linear" or "constant", got {decay!r}.')
-        if task not in ("auto", "classification", "causal_lm"):
-            raise ValueError(f'`task` must be "auto", "classification" or "causal_lm", got {task!r}.')
+        _check_task(task)
         if global_gradient is not None and not isinstance(global_gradient, GlobalGradient):
             raise TypeError(
                 f"`global_gradient` must be a GlobalGradient or None, got {type(global_gradient).__name__}."
             )
         if correction is not None and not callable(correction):
             raise TypeError(f"`correction` must be a callable cos -> c or None, got {type(correction).__name__}.")
-        self._linear = LinearCorrection(gamma, c_min, c_max)
+        linear = LinearCorrection(gamma, c_min, c_max)  # checks gamma, c_min, c_max whatever is used
+        # what scales the boosted gradient: `correction`, else the linear one, none at gamma = 0 (c = 1)
+        self._correction = correction if correction is not None else (linear if gamma else None)
         self.general_dataloader, self.general_batches = general_dataloader, general_batches
         self.k0, self.decay, self.gamma, self.c_min, self.c_max = k0, decay, gamma, c_min, c_max
         self.rank, self.global_gradient_path, self.global_gradient = rank, global_gradient_path, global_gradient
@@ -132,6 +134,7 @@ class DynamicBoostedAnnealing(Callback):
         self.ghat: GlobalGradient | None = None
         self.steps = 0
         self._total: int | None = None
+        self._k0 = 0.0  # resolve_k0(k0, T), set at train start
         self._params: dict[int, list[tuple[str, nn.Parameter]]] = {}
 
     # --- set-up ----------------------------------------------------------------------------------------------------
@@ -220,12 +223,13 @@ class DynamicBoostedAnnealing(Callback):
         device = next(p.device for p in pl_module.parameters())
         self.ghat = self.ghat.to(device)
         assert self._total is not None
+        self._k0 = resolve_k0(self.k0, self._total)
         log_scalars(
             trainer,
             {
                 "dba/ghat_norm": self.ghat.norm(),
                 "dba/general_samples": float(self.ghat.samples),
-                "dba/k0": resolve_k0(self.k0, self._total),
+                "dba/k0": self._k0,
             },
         )
 
@@ -242,11 +246,8 @@ class DynamicBoostedAnnealing(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.ghat is None or self._total is None:
             return  # outside a fit started by this callback (e.g. a tuner's trial fit)
-        k = boost_coefficient(self.steps, self._total, resolve_k0(self.k0, self._total), self.decay)
-        correction = self.correction if self.correction is not None else self._linear
-        if correction is self._linear and self.gamma == 0:
-            correction = None  # c = 1: skip the multiplication
-        cos, c = boost_gradients_(self._named(pl_module, optimizer), self.ghat, k, correction)
+        k = boost_coefficient(self.steps, self._total, self._k0, self.decay)
+        cos, c = boost_gradients_(self._named(pl_module, optimizer), self.ghat, k, self._correction)
         self.steps += 1
         # the gradients are already identical on every rank (all-reduced): no sync needed
         pl_module.log("dba/k", k)

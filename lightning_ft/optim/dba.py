@@ -66,6 +66,11 @@ def _causal_lm_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     )
 
 
+def _check_task(task: str) -> None:
+    if task not in ("auto", "classification", "causal_lm"):
+        raise ValueError(f'`task` must be "auto", "classification" or "causal_lm", got {task!r}.')
+
+
 def batch_loss(model: nn.Module, batch: Any, task: Task = "auto") -> Tensor:
     """The training loss of ``batch`` that DBA differentiates.
 
@@ -78,8 +83,7 @@ def batch_loss(model: nn.Module, batch: Any, task: Task = "auto") -> Tensor:
       (:func:`~lightning_ft._internal.forward.model_loss`);
     * ``task="auto"``: ``"causal_lm"`` for mapping batches with ``input_ids``, else ``"classification"``.
     """
-    if task not in ("auto", "classification", "causal_lm"):
-        raise ValueError(f'`task` must be "auto", "classification" or "causal_lm", got {task!r}.')
+    _check_task(task)
     if has_user_loss(model):
         return model_loss(model, batch)[0]
     lm = isinstance(batch, Mapping) and "input_ids" in batch
@@ -118,7 +122,7 @@ class GlobalGradient:
     rank: int | None = None
     batches: int = 0
     samples: int = 0
-    _sq_norms: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _sq_norms: dict[Any, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -183,13 +187,16 @@ class GlobalGradient:
         return math.sqrt(sum(float(self.sq_norm(n)) for n in self.names))
 
     def add_to_(self, name: str, grad: Tensor, alpha: float) -> None:
-        """``grad += alpha * ghat[name]`` in place (in ``grad``'s dtype)."""
+        """``grad += alpha * ghat[name]`` in place (in ``grad``'s dtype; a low-rank entry is added as a product of its
+        factors, without a dense copy, when ``grad`` is contiguous)."""
         if name in self.dense:
             grad.add_(self.dense[name].to(grad.dtype), alpha=alpha)
             return
         left, right = self.factors[name]
-        update = (left @ right.T).view(self.shapes[name])
-        grad.add_(update.to(grad.dtype), alpha=alpha)
+        if grad.is_contiguous():
+            grad.view(left.shape[0], -1).addmm_(left.to(grad.dtype), right.T.to(grad.dtype), alpha=alpha)
+        else:
+            grad.add_((left @ right.T).view(self.shapes[name]).to(grad.dtype), alpha=alpha)
 
     def cosine(self, grads: Mapping[str, Tensor]) -> Tensor:
         """Cosine between ``grads`` (name -> gradient) and ``ghat``, over the names both hold (0 when either is 0)."""
@@ -198,8 +205,10 @@ class GlobalGradient:
             raise ValueError(f"none of the gradients' names {sorted(grads)[:5]} is covered by the global gradient.")
         dot = torch.stack([self.dot(n, grads[n]) for n in names]).sum()
         g2 = torch.stack([grads[n].float().square().sum() for n in names]).sum()
-        h2 = torch.stack([self.sq_norm(n).to(dot.device) for n in names]).sum()
-        return dot / (g2 * h2).sqrt().clamp_min(1e-30)
+        key = (tuple(names), dot.device)  # the same names every step: their total is computed once
+        if key not in self._sq_norms:
+            self._sq_norms[key] = torch.stack([self.sq_norm(n).to(dot.device) for n in names]).sum()
+        return dot / (g2 * self._sq_norms[key]).sqrt().clamp_min(1e-30)
 
     # --- controls ------------------------------------------------------------------------------------------------
 
@@ -388,8 +397,8 @@ def estimate_global_gradient(
 
     check_int("max_batches", max_batches, allow_none=True)
     check_int("rank", rank, allow_none=True)
-    if loss_fn is None and task not in ("auto", "classification", "causal_lm"):
-        raise ValueError(f'`task` must be "auto", "classification" or "causal_lm", got {task!r}.')
+    if loss_fn is None:
+        _check_task(task)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: there is nothing to boost.")
