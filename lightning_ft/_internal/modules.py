@@ -7,16 +7,22 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["eval_mode"]
+__all__ = ["eval_mode", "training_mode"]
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore each submodule's own train/eval flag afterwards (frozen parts stay)."""
+def training_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put ``model`` in train (``training=True``) or eval mode and restore each submodule's own train/eval flag
+    afterwards (frozen parts stay)."""
     modes = {module: module.training for module in model.modules()}
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module, flag in modes.items():
+            module.training = flag
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Put ``model`` in eval mode and restore each submodule's own train/eval flag afterwards (frozen parts stay)."""
+    return training_mode(model, False)

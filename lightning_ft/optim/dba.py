@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ft._internal.forward import cast_inputs, has_user_loss, model_dtype, model_logits, model_loss
+from lightning_ft._internal.modules import training_mode
 from lightning_ft._internal.validation import check_int
 
 __all__ = [
@@ -288,19 +289,15 @@ def _compress(dense: dict[str, Tensor], rank: int | None) -> GlobalGradient:
 def _pass_state(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
     """Train mode for the pass; afterwards each submodule's mode, the buffers (BatchNorm statistics), the parameters'
     ``.grad`` and the global RNG are as they were."""
-    modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     grads = [p.grad for p in params]
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), training_mode(model, True):
             for p in params:
                 p.grad = None
-            model.train()
             yield
     finally:
-        for m, mode in modes:
-            m.training = mode
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
